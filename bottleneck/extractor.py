@@ -1,0 +1,169 @@
+"""The per-shard work: read → decode → preprocess → conv base → write, in one plain class.
+
+`Extractor` knows nothing of Ray: tests call `process_shard` in-process, and
+`bottleneck.distribute` wraps the same class in `ray.remote` for the actor pool.
+Decoding runs on a small thread pool ahead of inference (Pillow releases the GIL while it
+decodes, TensorFlow while it computes), so the conv base never waits for pixels.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .images import DecodeOptions, ImageError, load_image, preprocess
+from .planning import Entry, Shard
+from .schema import DatasetMetadata, FeatureSettings, feature_schema
+from .storage import Storage
+
+ProgressFn = Callable[[int, int, int], None]  # (shard index, images done, errors so far)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything an extractor needs; plain data, so Ray can ship it to actors."""
+
+    settings: FeatureSettings
+    weights: Any  # model.WeightsSpec
+    output_url: str
+    batch_size: int = 32
+    threads: int | None = None  # TensorFlow intra-op threads; None: TensorFlow's default
+    decode_threads: int = 2
+    input_options: tuple[tuple[str, Any], ...] = ()
+    output_options: tuple[tuple[str, Any], ...] = ()
+    xla: bool = False
+
+    @property
+    def decode_options(self) -> DecodeOptions:
+        s = self.settings
+        return DecodeOptions(s.image_size, s.interpolation, s.jpeg_draft)
+
+
+@dataclass
+class ShardResult:
+    index: int
+    rows: int
+    errors: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def decode_stream(entries: tuple[Entry, ...], read: Callable[[str], bytes],
+                  options: DecodeOptions, pool: ThreadPoolExecutor,
+                  lookahead: int) -> Iterator[tuple[Entry, np.ndarray | None, str | None]]:
+    """Decode entries on `pool`, at most `lookahead` ahead, yielding them in order as
+    (entry, pixels, None) or (entry, None, reason)."""
+    def one(e: Entry) -> tuple[np.ndarray | None, str | None]:
+        try:
+            return load_image(e.path, read, options), None
+        except ImageError as err:
+            return None, str(err)
+
+    pending: deque[tuple[Entry, Future]] = deque()
+    it = iter(entries)
+    for e in it:
+        pending.append((e, pool.submit(one, e)))
+        if len(pending) >= lookahead:
+            break
+    while pending:
+        e, fut = pending.popleft()
+        nxt = next(it, None)
+        if nxt is not None:
+            pending.append((nxt, pool.submit(one, nxt)))
+        pixels, reason = fut.result()
+        yield e, pixels, reason
+
+
+def batched_pixels(stream: Iterator[tuple[Entry, np.ndarray | None, str | None]],
+                   batch_size: int, on_error: Callable[[Entry, str], None]
+                   ) -> Iterator[tuple[list[Entry], np.ndarray]]:
+    """Group decoded images into batches of `batch_size`, reporting failures on the way."""
+    entries: list[Entry] = []
+    arrays: list[np.ndarray] = []
+    for e, pixels, reason in stream:
+        if pixels is None:
+            on_error(e, reason or "unreadable")
+            continue
+        entries.append(e)
+        arrays.append(pixels)
+        if len(entries) == batch_size:
+            yield entries, np.stack(arrays)
+            entries, arrays = [], []
+    if entries:
+        yield entries, np.stack(arrays)
+
+
+class Extractor:
+    """Holds one VGG16 conv base; turns shards into committed Parquet part files."""
+
+    def __init__(self, config: ExtractConfig):
+        from .model import BatchRunner, build_conv_base, configure_threads
+
+        configure_threads(config.threads)
+        self.config = config
+        self.source_options = dict(config.input_options)
+        self.out = Storage(config.output_url, dict(config.output_options))
+        self._schemas: dict[tuple[str, ...], Any] = {}
+        model = build_conv_base(config.weights, config.settings.image_size, config.settings.pooling)
+        self.run_model = BatchRunner(model, config.batch_size, xla=config.xla)
+        self.np_dtype = np.dtype(config.settings.dtype)
+        self.pool = ThreadPoolExecutor(max(1, config.decode_threads), thread_name_prefix="decode")
+        self._readers: dict[str, Storage] = {}
+
+    def _reader(self, url: str) -> Callable[[str], bytes]:
+        """One fsspec filesystem per input protocol, reused across shards."""
+        proto = url.split("://", 1)[0] if "://" in url else "file"
+        if proto not in self._readers:
+            self._readers[proto] = Storage(url, self.source_options)
+        return self._readers[proto].read_bytes
+
+    def warm_up(self) -> None:
+        """Trace the model once, so the first shard runs at full speed."""
+        s = self.config.settings.image_size
+        self.run_model(np.zeros((1, s, s, 3), np.float32))
+
+    def schema(self, labels: tuple[str, ...]) -> Any:
+        if labels not in self._schemas:
+            self._schemas[labels] = feature_schema(DatasetMetadata(self.config.settings, list(labels)))
+        return self._schemas[labels]
+
+    def process_shard(self, shard: Shard, labels: tuple[str, ...] = (),
+                      progress: ProgressFn | None = None) -> ShardResult:
+        """Extract and commit one shard; `labels` is the whole job's label list (metadata)."""
+        from .writer import ShardWriter
+
+        t0 = time.perf_counter()
+        infer = 0.0
+        done = 0
+        if not shard.entries:
+            read = None
+        else:
+            read = self._reader(shard.entries[0].url)
+        with ShardWriter(self.out, self.schema(tuple(labels)), shard.index) as writer:
+            def on_error(e: Entry, reason: str) -> None:
+                writer.add_error(e.url, reason)
+
+            stream = decode_stream(shard.entries, read, self.config.decode_options, self.pool,
+                                   lookahead=2 * self.config.batch_size) if read else iter(())
+            for entries, pixels in batched_pixels(stream, self.config.batch_size, on_error):
+                t = time.perf_counter()
+                feats = self.run_model(preprocess(pixels))
+                infer += time.perf_counter() - t
+                feats = feats.reshape(len(entries), -1).astype(self.np_dtype, copy=False)
+                writer.write_batch([e.url for e in entries], [e.label for e in entries], feats)
+                done = writer.rows + len(writer.errors)
+                if progress:
+                    progress(shard.index, done, len(writer.errors))
+        total = time.perf_counter() - t0
+        if progress:
+            progress(shard.index, writer.rows + len(writer.errors), len(writer.errors))
+        return ShardResult(shard.index, writer.rows, len(writer.errors),
+                           {"total": total, "inference": infer})
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,163 @@
+"""What OUTPUT remembers between runs: the job's manifest, its done-marker, and its lock.
+
+- ``_bottleneck.json``: the settings, listing fingerprint and shard size the dataset was
+  made with. A rerun with the same ones resumes; with others it is refused (or, with
+  --overwrite, OUTPUT is cleared first).
+- ``_SUCCESS.json``: written last, with the counts of a finished job.
+- ``_lock.json``: held by a running job, refreshed every few seconds; a second job on the
+  same OUTPUT is refused while it is fresh. A lock left by a killed job goes stale and is
+  taken over, so it never blocks the next run for long.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from .planning import PART_RE
+from .storage import Storage
+
+MANIFEST = "_bottleneck.json"
+SUCCESS = "_SUCCESS.json"
+LOCK = "_lock.json"
+LOCK_STALE_AFTER = 30.0  # seconds without a heartbeat
+LOCK_HEARTBEAT = 5.0
+
+
+class OutputConflict(RuntimeError):
+    """OUTPUT holds something this run must not touch."""
+
+
+@dataclass
+class Manifest:
+    kind: str  # "features" or "predictions"
+    settings: dict[str, Any]
+    input_url: str
+    listing_sha256: str
+    images: int
+    shard_size: int
+    shards: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def mismatches(self, other: "Manifest") -> list[str]:
+        """What differs between two manifests, in words; empty when a resume is safe."""
+        diffs = []
+        for k in ("kind", "shard_size"):
+            if getattr(self, k) != getattr(other, k):
+                diffs.append(f"{k}: {getattr(other, k)!r} in OUTPUT, {getattr(self, k)!r} now")
+        for k in sorted(set(self.settings) | set(other.settings)):
+            a, b = self.settings.get(k), other.settings.get(k)
+            if a != b:
+                diffs.append(f"{k}: {b!r} in OUTPUT, {a!r} now")
+        if self.listing_sha256 != other.listing_sha256:
+            diffs.append(f"INPUT listing changed: {other.images} files when OUTPUT was made "
+                         f"({other.input_url}), {self.images} now ({self.input_url})")
+        return diffs
+
+
+def read_manifest(out: Storage) -> Manifest | None:
+    if not out.exists(MANIFEST):
+        return None
+    d = out.read_json(MANIFEST)
+    return Manifest(**{k: d[k] for k in Manifest.__dataclass_fields__})
+
+
+def result_names(out: Storage) -> list[str]:
+    """Names in OUTPUT that are results or ours; users' files are left alone by --overwrite."""
+    return [n for n in out.ls_names()
+            if PART_RE.match(n) or n in (MANIFEST, SUCCESS, "_errors", "_tmp")]
+
+
+def prepare_output(out: Storage, manifest: Manifest, overwrite: bool) -> bool:
+    """Check OUTPUT against this run; returns True when it resumes earlier work.
+
+    Raises OutputConflict naming each difference when OUTPUT was made with other settings
+    or another input, unless `overwrite`, which removes the earlier results first.
+    """
+    old = read_manifest(out)
+    if old is None and not overwrite:
+        stray = [n for n in out.ls_names() if PART_RE.match(n)]
+        if stray:
+            raise OutputConflict(
+                f"OUTPUT {out.url} holds part files but no {MANIFEST}: it was not made by this "
+                "tool or its manifest was lost. Use --overwrite to replace them.")
+    if old is not None and not overwrite:
+        diffs = manifest.mismatches(old)
+        if diffs:
+            raise OutputConflict(
+                f"OUTPUT {out.url} was made with other settings; refusing to mix them:\n  - "
+                + "\n  - ".join(diffs)
+                + "\nUse another OUTPUT, or --overwrite to replace what is there.")
+    if overwrite:
+        for name in result_names(out):
+            out.rm(name, recursive=True)
+        old = None
+    out.rm("_tmp", recursive=True)  # leftovers of a killed run; never read
+    out.write_json_atomic(manifest.to_dict(), MANIFEST)
+    return old is not None
+
+
+class OutputLock:
+    """A heartbeat lock file in OUTPUT (see the module doc). Use as a context manager."""
+
+    def __init__(self, out: Storage, stale_after: float = LOCK_STALE_AFTER):
+        self.out = out
+        self.stale_after = stale_after
+        self.token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _body(self) -> dict[str, Any]:
+        return {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+                "heartbeat": time.time()}
+
+    def acquire(self) -> None:
+        if self.out.exists(LOCK):
+            try:
+                held = self.out.read_json(LOCK)
+            except (ValueError, FileNotFoundError):
+                held = None
+            if held and time.time() - float(held.get("heartbeat", 0)) < self.stale_after:
+                raise OutputConflict(
+                    f"another job is writing to {self.out.url} (pid {held.get('pid')} on "
+                    f"{held.get('host')}, alive {time.time() - held['heartbeat']:.0f}s ago). "
+                    f"Wait for it to finish, or if it was killed, retry in {self.stale_after:.0f}s "
+                    "when its lock goes stale.")
+        self.out.write_json_atomic(self._body(), LOCK)
+        # Two jobs that raced past the check both wrote; the last write wins, the other backs off.
+        time.sleep(0.2)
+        if self.out.read_json(LOCK).get("token") != self.token:
+            raise OutputConflict(f"another job took the lock on {self.out.url} just now")
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="output-lock")
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(LOCK_HEARTBEAT):
+            try:
+                self.out.write_json_atomic(self._body(), LOCK)
+            except Exception:  # noqa: BLE001 - a missed beat is retried at the next one
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+        try:
+            if self.out.read_json(LOCK).get("token") == self.token:
+                self.out.rm(LOCK)
+        except (FileNotFoundError, ValueError):
+            pass
+
+    def __enter__(self) -> "OutputLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

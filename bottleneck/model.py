@@ -1,0 +1,152 @@
+"""The VGG16 conv base, whatever its weights: ImageNet, seeded random, or a weights file.
+
+`--weights` takes:
+- ``imagenet``: Keras downloads and caches the notop file (needs internet on the workers);
+- ``random`` or ``random:SEED``: He-uniform weights from NumPy's seeded generator, the same
+  on every machine (for tests and demos);
+- a path or fsspec URL of a weights file: the legacy keras-applications
+  ``vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5`` or a Keras ``.weights.h5``. A
+  cluster with no internet loads it from its own bucket. Its identity is its sha256.
+
+TensorFlow is imported inside the functions, so that importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .storage import Storage, with_retries
+
+DEFAULT_SEED = 0
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """What --weights asked for, resolved: `identity` is what the metadata records."""
+
+    kind: str  # "imagenet" | "random" | "file"
+    identity: str
+    seed: int = DEFAULT_SEED
+    url: str | None = None
+    storage_options: tuple[tuple[str, Any], ...] = ()
+
+
+def resolve_weights(text: str, storage_options: dict[str, Any] | None = None) -> WeightsSpec:
+    """Parse --weights; for a file, read it once to hash it. Raises ValueError/FileNotFoundError."""
+    if text == "imagenet":
+        return WeightsSpec(kind="imagenet", identity="imagenet")
+    if text == "random" or text.startswith("random:"):
+        seed_text = text.partition(":")[2] or str(DEFAULT_SEED)
+        try:
+            seed = int(seed_text)
+        except ValueError:
+            raise ValueError(f"--weights random:SEED needs an integer seed, not {seed_text!r}") from None
+        return WeightsSpec(kind="random", identity=f"random:{seed}", seed=seed)
+    store = Storage(text, storage_options)
+    if not store.fs.exists(store.root) or store.fs.isdir(store.root):
+        raise FileNotFoundError(f"weights file not found: {text}")
+    digest = hashlib.sha256(store.read_bytes(store.root)).hexdigest()
+    return WeightsSpec(kind="file", identity=f"sha256:{digest}", url=text,
+                       storage_options=tuple(sorted((storage_options or {}).items())))
+
+
+def _local_weights_file(spec: WeightsSpec) -> str:
+    """A local copy of a weights file, cached by content hash (keeps the name's suffix,
+    which tells Keras the format: `.weights.h5` is Keras 3, any other `.h5` is legacy)."""
+    assert spec.url is not None
+    if "://" not in spec.url or spec.url.startswith("file://"):
+        return spec.url.removeprefix("file://")
+    cache = os.path.join(os.path.expanduser("~/.cache/bottleneck/weights"))
+    os.makedirs(cache, exist_ok=True)
+    digest = spec.identity.removeprefix("sha256:")
+    suffix = ".weights.h5" if spec.url.endswith(".weights.h5") else ".h5"
+    local = os.path.join(cache, digest + suffix)
+    if not os.path.exists(local):
+        store = Storage(spec.url, dict(spec.storage_options))
+        data = with_retries(lambda: store.fs.cat_file(store.root))
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ValueError(f"weights file {spec.url} changed while the job ran")
+        tmp = f"{local}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, local)
+    return local
+
+
+def random_conv_weights(model: Any, seed: int) -> None:
+    """Seeded He-uniform kernels and zero biases, identical on every machine and version."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        ws = layer.get_weights()
+        if not ws:
+            continue
+        kernel, bias = ws
+        fan_in = int(np.prod(kernel.shape[:-1]))
+        limit = np.sqrt(6.0 / fan_in)
+        layer.set_weights([
+            rng.uniform(-limit, limit, size=kernel.shape).astype(np.float32),
+            np.zeros_like(bias),
+        ])
+
+
+def build_conv_base(spec: WeightsSpec, image_size: int, pooling: str = "none") -> Any:
+    """keras.applications.VGG16(include_top=False) with the weights `spec` names."""
+    import keras
+
+    pool = None if pooling == "none" else pooling
+    shape = (image_size, image_size, 3)
+    if spec.kind == "imagenet":
+        return keras.applications.VGG16(include_top=False, weights="imagenet",
+                                        input_shape=shape, pooling=pool)
+    model = keras.applications.VGG16(include_top=False, weights=None, input_shape=shape,
+                                     pooling=pool)
+    if spec.kind == "random":
+        random_conv_weights(model, spec.seed)
+    else:
+        model.load_weights(_local_weights_file(spec))
+    return model
+
+
+def configure_threads(threads: int | None) -> None:
+    """Pin TensorFlow's thread pools; must run before TensorFlow executes anything."""
+    if not threads:
+        return
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    except RuntimeError:
+        pass  # already initialised in this process: keep what it has
+
+
+class BatchRunner:
+    """Runs a Keras model on fixed-size batches, so the graph is traced once.
+
+    A short last batch is padded with zeros and the padding dropped from the result.
+    """
+
+    def __init__(self, model: Any, batch_size: int, xla: bool = False):
+        import tensorflow as tf
+
+        self.model = model
+        self.batch_size = batch_size
+        in_shape = tuple(model.inputs[0].shape[1:])
+        self._fn = tf.function(
+            lambda x: model(x, training=False),
+            input_signature=[tf.TensorSpec((batch_size, *in_shape), tf.float32)],
+            jit_compile=xla,
+        )
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        n = len(batch)
+        if n < self.batch_size:
+            pad = np.zeros((self.batch_size - n, *batch.shape[1:]), dtype=np.float32)
+            batch = np.concatenate([batch, pad])
+        out = self._fn(batch)
+        return np.asarray(out)[:n]

@@ -1,0 +1,88 @@
+"""Write one shard's Parquet file, and its errors, so each appears whole or not at all."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .planning import part_name
+from .schema import ERRORS_SCHEMA
+from .storage import Storage
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+    from typing import IO
+
+ERRORS_DIR = "_errors"
+# Features are mostly zeros after ReLU: zstd shrinks them several-fold at little CPU cost.
+COMPRESSION = "zstd"
+
+
+def features_array(features: np.ndarray, type_: pa.DataType) -> pa.FixedSizeListArray:
+    """(n, size) array → fixed_size_list Arrow array of the value type the schema wants."""
+    values = pa.array(np.ascontiguousarray(features).reshape(-1), type=type_.value_type)
+    return pa.FixedSizeListArray.from_arrays(values, type_.list_size)
+
+
+def write_errors(out: Storage, shard_index: int, errors: list[tuple[str, str]]) -> None:
+    """OUTPUT/_errors/part-N.parquet with columns path, error; nothing when there are none."""
+    if not errors:
+        return
+    table = pa.table({"path": [p for p, _ in errors], "error": [e for _, e in errors]},
+                     schema=ERRORS_SCHEMA)
+    with out.open_atomic(ERRORS_DIR, part_name(shard_index)) as f:
+        pq.write_table(table, f, compression=COMPRESSION)
+
+
+class ShardWriter:
+    """Streams one shard's rows into `part-N.parquet`, one row group per batch.
+
+    Use as a context manager: leaving it normally commits the file (and returns the
+    counts from `finalize`); leaving it on an exception discards the file.
+    """
+
+    def __init__(self, out: Storage, schema: pa.Schema, shard_index: int):
+        self.out = out
+        self.schema = schema
+        self.shard_index = shard_index
+        self.rows = 0
+        self.errors: list[tuple[str, str]] = []
+        self._ctx: AbstractContextManager[IO[bytes]] | None = None
+        self._writer: pq.ParquetWriter | None = None
+
+    def __enter__(self) -> "ShardWriter":
+        self._ctx = self.out.open_atomic(part_name(self.shard_index))
+        f = self._ctx.__enter__()
+        self._writer = pq.ParquetWriter(f, self.schema, compression=COMPRESSION)
+        return self
+
+    def write_batch(self, urls: list[str], labels: list[str | None], features: np.ndarray) -> None:
+        assert self._writer is not None
+        table = pa.Table.from_arrays(
+            [pa.array(urls, pa.string()), pa.array(labels, pa.string()),
+             features_array(features, self.schema.field("features").type)],
+            schema=self.schema,
+        )
+        self._writer.write_table(table)
+        self.rows += len(urls)
+
+    def add_error(self, url: str, reason: str) -> None:
+        self.errors.append((url, reason))
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        assert self._ctx is not None and self._writer is not None
+        if et is None:
+            self._writer.close()
+            # Errors first: a shard counts as done only once its part file exists.
+            write_errors(self.out, self.shard_index, self.errors)
+            self._ctx.__exit__(None, None, None)
+        else:
+            try:
+                self._writer.close()
+            finally:
+                self._ctx.__exit__(et, ev, tb)
