@@ -60,12 +60,16 @@ def choose_layout(cluster_cpus: float, cluster_gpus: float, actors: int | None =
 
 def connect(address: str | None = None, **local_kwargs: Any) -> str:
     """Connect to Ray: --address, else RAY_ADDRESS, else a running local head, else start a
-    local Ray for this job. Returns a short description of what it connected to."""
+    local Ray for this job (``--address local`` always starts one). Returns a short
+    description of what it connected to."""
     import ray
 
     if ray.is_initialized():
         return "the Ray instance already running in this process"
     quiet = {"log_to_driver": True, "logging_level": "WARNING", "configure_logging": True}
+    if address == "local":
+        ray.init(address="local", include_dashboard=False, **quiet, **local_kwargs)
+        return "a local Ray started for this job"
     if address:
         ray.init(address=address, **quiet)
         return f"Ray at {address}"
