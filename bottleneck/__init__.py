@@ -1,3 +1,9 @@
 """bottleneck: VGG16 bottleneck features from image buckets on Ray, and a classifier on them."""
 
+import warnings
+
+# pandas looks for the unrelated PyPI package "Bottleneck" under the same import name, finds
+# this one, and warns that its version is too old; it then does without, which is right.
+warnings.filterwarnings("ignore", message=r"Pandas requires version .* of 'bottleneck'")
+
 __version__ = "0.1.0"

@@ -91,6 +91,155 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return EXIT_OK if summary.ok else EXIT_INCOMPLETE
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the dense head on FEATURES, export the classifier",
+                       description="Train Flatten → Dense → Dropout → softmax on Parquet "
+                                   "bottleneck features (one Ray task), evaluate it, and write "
+                                   "the head, the full classifier, metrics and plots to MODEL_DIR.")
+    p.add_argument("features", metavar="FEATURES", help="feature dataset from `bottleneck extract`")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="folder or fsspec URL for the model")
+    val = p.add_mutually_exclusive_group()
+    val.add_argument("--validation", metavar="FEATURES_VAL", default=None,
+                     help="a separate validation feature dataset")
+    val.add_argument("--validation-split", type=float, default=None,
+                     help="fraction held out by a hash of each path (default: 0.2)")
+    p.add_argument("--hidden", type=int, default=256, help="hidden units (default: 256)")
+    p.add_argument("--dropout", type=float, default=0.5, help="dropout rate (default: 0.5)")
+    p.add_argument("--optimizer", default="rmsprop", choices=["rmsprop", "adam", "sgd"],
+                   help="(default: rmsprop)")
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="(default: 0.001)")
+    p.add_argument("--epochs", type=int, default=50, help="(default: 50)")
+    p.add_argument("--batch-size", type=int, default=16, help="(default: 16)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed (default: 0)")
+    p.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE",
+                   help="stop after PATIENCE epochs without a better val_loss (default: off)")
+    p.add_argument("--no-normalize", dest="normalize", action="store_false",
+                   help="do not standardize the features (the 2017 recipe; learns far worse)")
+    p.add_argument("--shuffle-buffer", type=int, default=1024,
+                   help="rows held for shuffling; memory is about this × row size (default: 1024)")
+    p.add_argument("--weights", default=None,
+                   help="the weights file the features were made with, when it was a file")
+    _add_common(p)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .features import FeatureDataError
+    from .head import HeadConfig
+    from .train import TrainOptions, TrainUsageError, check_train, run_train
+
+    head = HeadConfig(hidden=args.hidden, dropout=args.dropout, optimizer=args.optimizer,
+                      learning_rate=args.learning_rate, epochs=args.epochs,
+                      batch_size=args.batch_size, seed=args.seed,
+                      early_stopping=args.early_stopping, normalize=args.normalize)
+    o = TrainOptions(features=args.features, model_dir=args.model_dir,
+                     validation=args.validation, validation_split=args.validation_split,
+                     head=head, shuffle_buffer=args.shuffle_buffer, weights=args.weights,
+                     storage_options=args.storage_options, address=args.address,
+                     verbose=2)
+    try:
+        check_train(o)
+        metrics = run_train(o)
+    except (TrainUsageError, FeatureDataError) as e:
+        return _fail(e)
+    except Exception as e:  # a Ray task error wraps the cause
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, (TrainUsageError, FeatureDataError)):
+            return _fail(cause)
+        raise
+    if metrics.get("val_accuracy") is not None:
+        from .train import format_metrics
+
+        print(format_metrics(metrics))
+    print(f"model: {args.model_dir}")
+    return EXIT_OK
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="score a trained head on a labelled feature dataset")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("features", metavar="FEATURES")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--storage-options", type=_storage_options, default={}, metavar="JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .features import FeatureDataError
+    from .train import dumps, evaluate, format_metrics
+
+    try:
+        m = evaluate(args.model_dir, args.features, args.storage_options)
+    except (FeatureDataError, FileNotFoundError) as e:
+        return _fail(e)
+    print(dumps(m) if args.json else format_metrics(m))
+    return EXIT_OK
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="classify images with a trained MODEL_DIR")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("input", metavar="INPUT", help="an image, a folder, or an fsspec URL")
+    p.add_argument("--output", default=None, metavar="PREDICTIONS.parquet",
+                   help="write every prediction to Parquet (default: print a table)")
+    p.add_argument("--top-k", type=int, default=1, help="also store the K best classes (default: 1)")
+    p.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
+    p.add_argument("--shard-size", type=int, default=256, help="(default: 256)")
+    p.add_argument("--actors", type=int, default=None, help="(default: as extract)")
+    p.add_argument("--gpus-per-actor", type=float, default=None, help="(default: as extract)")
+    p.add_argument("--max-attempts", type=int, default=3, help="(default: 3)")
+    _add_common(p)
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import PredictOptions, PredictUsageError, format_table, run_predict
+
+    o = PredictOptions(model_dir=args.model_dir, input=args.input, output=args.output,
+                       top_k=args.top_k, batch_size=args.batch_size, shard_size=args.shard_size,
+                       actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+                       address=args.address, storage_options=args.storage_options,
+                       max_attempts=args.max_attempts, progress=args.progress)
+    try:
+        s = run_predict(o)
+    except PredictUsageError as e:
+        return _fail(e)
+    if s.table is not None:
+        print(format_table(s.table))
+    if s.output:
+        print(f"{s.rows} predictions written to {s.output}" if s.ok else
+              f"{s.output} not written: shards failed")
+    for path, reason in s.errors[:20]:
+        print(f"unreadable: {path}: {reason}", file=sys.stderr)
+    if len(s.errors) > 20:
+        print(f"… and {len(s.errors) - 20} more unreadable", file=sys.stderr)
+    for i, err in sorted(s.failed.items()):
+        print(f"FAILED shard {i}: {err}; rerun the same command to retry", file=sys.stderr)
+    return EXIT_OK if s.ok else EXIT_INCOMPLETE
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole job on real digit images, on a local Ray",
+                       description="Writes real handwritten-digit images (shipped in "
+                                   "scikit-learn), extracts features with a seeded random VGG16, "
+                                   "trains the head, and classifies held-out images. No cluster, "
+                                   "no download.")
+    p.add_argument("workdir", nargs="?", default="demo-output", help="(default: ./demo-output)")
+    p.add_argument("--per-class", type=int, default=60, help="images per digit (default: 60)")
+    p.add_argument("--image-size", type=int, default=32, help="(default: 32)")
+    p.add_argument("--weights", default="random", help="(default: random, seeded)")
+    p.add_argument("--epochs", type=int, default=20, help="(default: 20)")
+    p.add_argument("--address", default=None, help="(default: as extract)")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.workdir, per_class=args.per_class, image_size=args.image_size,
+                    weights=args.weights, epochs=args.epochs, address=args.address)
+
+
 def _fail(e: BaseException, code: int = EXIT_USAGE) -> int:
     print(f"bottleneck: error: {e}", file=sys.stderr)
     return code
@@ -102,13 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="VGG16 bottleneck features on Ray, and a classifier trained on them.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_extract(sub)
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_predict(sub)
+    _add_demo(sub)
     return parser
-
-
-# Other modules add their subcommands here (train, evaluate, predict, benchmark, demo).
-_EXTRA_COMMANDS: list = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

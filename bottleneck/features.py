@@ -1,0 +1,160 @@
+"""Stream a Parquet feature dataset for training: settings checks, splits, shuffled batches.
+
+Memory depends on the batch and shuffle-buffer sizes, never on the dataset: rows are read
+one row group at a time (the extractor writes a row group per model batch), and at most
+`shuffle_buffer` rows are held at once. No TensorFlow here: `train.py` wraps these
+generators in tf.data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .planning import PART_RE
+from .schema import DatasetMetadata, FeatureSettings, read_metadata
+from .storage import Storage, with_retries
+
+VALIDATION_BUCKETS = 10_000
+
+
+class FeatureDataError(ValueError):
+    """Features that cannot be trained on as asked: mixed settings, null or unknown labels…"""
+
+
+def in_validation(path: str, fraction: float) -> bool:
+    """Deterministic split: a hash of the path, so the same rows are held out every run."""
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "little")
+    return (h % VALIDATION_BUCKETS) < fraction * VALIDATION_BUCKETS
+
+
+@dataclass(frozen=True)
+class RowGroupRef:
+    path: str  # fsspec path of the part file
+    index: int
+    rows: int
+
+
+class FeatureDataset:
+    """One bottleneck feature dataset (a folder or bucket prefix of part-*.parquet files)."""
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self.store = Storage(url, storage_options)
+        self.url = self.store.url
+        names = [n for n in self.store.ls_names() if PART_RE.match(n)]
+        if not names:
+            raise FeatureDataError(f"no bottleneck features (part-*.parquet) in {self.url}")
+        self.row_groups: list[RowGroupRef] = []
+        metas: list[tuple[str, DatasetMetadata]] = []
+        for n in names:
+            path = self.store.path(n)
+            md = self._parquet(path).metadata
+            try:
+                metas.append((n, read_metadata(md.schema.to_arrow_schema())))
+            except ValueError as e:
+                raise FeatureDataError(f"{self.store.to_url(path)}: {e}") from None
+            self.row_groups += [RowGroupRef(path, i, md.row_group(i).num_rows)
+                                for i in range(md.num_row_groups)]
+        first_name, first = metas[0]
+        for n, m in metas[1:]:
+            diffs = m.settings.differences(first.settings)
+            if diffs:
+                raise FeatureDataError(
+                    f"{self.url} mixes features made with different settings "
+                    f"({n} vs {first_name}): " + "; ".join(diffs))
+        self.metadata = first
+        self.rows = sum(r.rows for r in self.row_groups)
+
+    @property
+    def settings(self) -> FeatureSettings:
+        return self.metadata.settings
+
+    def _parquet(self, path: str) -> pq.ParquetFile:
+        return with_retries(lambda: pq.ParquetFile(self.store.fs.open(path, "rb")))
+
+    def read_row_group(self, ref: RowGroupRef, columns: list[str]) -> pa.Table:
+        return with_retries(lambda: self._parquet(ref.path).read_row_group(ref.index, columns=columns))
+
+    def check_compatible(self, other: "FeatureDataset", what: str = "validation") -> None:
+        diffs = other.settings.differences(self.settings)
+        if diffs:
+            raise FeatureDataError(
+                f"{what} features {other.url} were made with other settings than the training "
+                f"features {self.url}: " + "; ".join(diffs))
+
+    def iter_labels(self, fraction: float = 0.0, want_validation: bool = False
+                    ) -> Iterator[tuple[str, str | None]]:
+        """(path, label) of every row of one side of the split, reading only those columns."""
+        for ref in self.row_groups:
+            t = self.read_row_group(ref, ["path", "label"])
+            for p, lab in zip(t.column("path").to_pylist(), t.column("label").to_pylist()):
+                if in_validation(p, fraction) == want_validation:
+                    yield p, lab
+
+    def batches(self, classes: list[str], batch_size: int, fraction: float = 0.0,
+                want_validation: bool = False, shuffle_buffer: int = 0, seed: int = 0,
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(features (n, *shape) float32, class indices (n,)) batches of one side of the split.
+
+        With `shuffle_buffer` > 0, row groups are visited in a seeded random order and rows
+        are drawn at random from a buffer of at most that many rows.
+        """
+        index = {c: i for i, c in enumerate(classes)}
+        shape = self.settings.shape
+        rng = np.random.default_rng(seed)
+        order = list(self.row_groups)
+        if shuffle_buffer:
+            rng.shuffle(order)
+        buf_x: list[np.ndarray] = []
+        buf_y: list[np.ndarray] = []
+        held = 0
+
+        def drain(keep: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            """Emit whole batches until about `keep` rows are left (all of them when 0)."""
+            nonlocal buf_x, buf_y, held
+            x, y = np.concatenate(buf_x), np.concatenate(buf_y)
+            if shuffle_buffer:
+                perm = rng.permutation(len(x))
+                x, y = x[perm], y[perm]
+            n_emit = len(x) if keep == 0 else (len(x) - keep) // batch_size * batch_size
+            for s in range(0, n_emit, batch_size):
+                yield x[s:min(s + batch_size, n_emit)], y[s:min(s + batch_size, n_emit)]
+            buf_x, buf_y = [x[n_emit:]], [y[n_emit:]]
+            held = len(x) - n_emit
+
+        for ref in order:
+            t = self.read_row_group(ref, ["path", "label", "features"])
+            paths = t.column("path").to_pylist()
+            labels = t.column("label").to_pylist()
+            mask = np.fromiter((in_validation(p, fraction) == want_validation for p in paths),
+                               bool, len(paths))
+            if not mask.any():
+                continue
+            feats = _features_matrix(t.column("features"))[mask].reshape(-1, *shape)
+            try:
+                y = np.array([index[lab] for lab, m in zip(labels, mask) if m], dtype=np.int32)
+            except KeyError as e:
+                raise FeatureDataError(
+                    f"label {e.args[0]!r} in {ref.path} is not among the training classes "
+                    f"{classes}") from None
+            buf_x.append(feats)
+            buf_y.append(y)
+            held += len(y)
+            if held >= max(shuffle_buffer, batch_size):
+                yield from drain(keep=shuffle_buffer // 2)
+        if held:
+            yield from drain(keep=0)
+
+
+def _features_matrix(col: pa.ChunkedArray) -> np.ndarray:
+    """fixed_size_list column → (n, size) float32 without a Python loop."""
+    arr = col.combine_chunks()
+    size = arr.type.list_size
+    return arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, size)
