@@ -51,13 +51,17 @@ class DecodeOptions:
             raise ValueError(f"image size must be at least 32, not {self.image_size}")
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode → 8-bit RGB, scaling deep images instead of clipping them."""
+def _to_rgb(img: Image.Image, deep: bool = False) -> Image.Image:
+    """Any Pillow mode → 8-bit RGB, scaling deep images instead of clipping them.
+
+    `deep`: the file says its samples are 16-bit (a 16-bit PNG that an older Pillow opens
+    as mode "I"), so even a dark one whose values all fit in 8 bits is scaled.
+    """
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         a = np.asarray(img)
-        if img.mode == "I" and a.size and a.max() <= 255:
+        if img.mode == "I" and not deep and a.size and a.max() <= 255:
             a8 = a.astype(np.uint8)  # an 8-bit image Pillow widened
         else:
             a8 = np.round(a.astype(np.float64) / 257.0).clip(0, 255).astype(np.uint8)
@@ -81,6 +85,7 @@ def decode_image(data: bytes, options: DecodeOptions) -> np.ndarray:
     if not data:
         raise ImageError("empty file")
     size = (options.image_size, options.image_size)
+    kind = _signature(data)
     try:
         img = Image.open(io.BytesIO(data))
         w, h = img.size
@@ -93,7 +98,7 @@ def decode_image(data: bytes, options: DecodeOptions) -> np.ndarray:
             img.draft("RGB", (2 * size[0], 2 * size[1]))
         img.load()
         img = ImageOps.exif_transpose(img) or img
-        img = _to_rgb(img)
+        img = _to_rgb(img, deep=kind == "PNG" and _png_bit_depth(data) == 16)
         if img.size != size:
             img = img.resize(size, INTERPOLATIONS[options.interpolation])
         return np.asarray(img, dtype=np.float32)
@@ -102,9 +107,42 @@ def decode_image(data: bytes, options: DecodeOptions) -> np.ndarray:
     except Image.DecompressionBombError as e:
         raise ImageError(f"decompression bomb: {e}") from None
     except UnidentifiedImageError:
+        if kind:  # Pillow needs more than a header to identify a file
+            raise ImageError(f"unreadable image: truncated {kind} (header only or cut short, "
+                             f"{len(data)} bytes)") from None
         raise ImageError("not an image (unrecognised content)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
-        raise ImageError(f"unreadable image: {e}") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a bad file may raise anything from a plugin
+        # (struct.error, KeyError…), and it must cost one error row, not the whole shard.
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ImageError(f"unreadable image: {reason}") from None
+
+
+# Leading bytes of the formats people put in image folders, to tell "not an image" from
+# "an image cut short" when Pillow cannot identify the content.
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def _signature(data: bytes) -> str | None:
+    for magic, name in _SIGNATURES:
+        if data.startswith(magic):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _png_bit_depth(data: bytes) -> int | None:
+    """The bit depth in a PNG's IHDR (signature 8 + length 4 + 'IHDR' 4 + w 4 + h 4)."""
+    return data[24] if len(data) > 24 and data[12:16] == b"IHDR" else None
 
 
 def preprocess(batch: np.ndarray) -> np.ndarray:
@@ -122,4 +160,7 @@ def load_image(path: str, open_file: Callable[[str], bytes], options: DecodeOpti
         raise ImageError("file not found") from None
     except IsADirectoryError:
         raise ImageError("is a directory") from None
+    except PermissionError:
+        # Not transient (Storage does not retry it): one error row, not a failed shard.
+        raise ImageError("permission denied") from None
     return decode_image(data, options)
