@@ -25,6 +25,14 @@ from .storage import Storage, with_retries
 DEFAULT_SEED = 0
 
 
+# VGG16's 13 conv kernels, in order; a weights file must hold exactly these.
+VGG16_CONV_KERNELS: tuple[tuple[int, int, int, int], ...] = tuple(
+    (3, 3, cin, cout) for cin, cout in [
+        (3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
+        (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)])
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
 @dataclass(frozen=True)
 class WeightsSpec:
     """What --weights asked for, resolved: `identity` is what the metadata records."""
@@ -34,6 +42,47 @@ class WeightsSpec:
     seed: int = DEFAULT_SEED
     url: str | None = None
     storage_options: tuple[tuple[str, Any], ...] = ()
+    file_format: str = ""  # for files: "legacy" (keras-applications .h5) or "keras" (.weights.h5)
+
+
+def weights_file_format(data: bytes) -> str:
+    """'legacy' for a keras-applications h5 file, 'keras' for a Keras 3 `.weights.h5`.
+
+    Checks that the file holds VGG16's 13 conv kernels and nothing else, so that a wrong
+    file is refused before any actor starts, not by every actor in turn.
+    Raises ValueError saying what is wrong.
+    """
+    if not data.startswith(HDF5_MAGIC):
+        raise ValueError("not an HDF5 weights file (.h5 or .weights.h5)")
+    try:
+        import h5py
+    except ImportError:  # no TensorFlow stack on this machine: the actors will check
+        return "legacy" if b"layer_names" in data[:1 << 20] else "keras"
+    import io
+
+    with h5py.File(io.BytesIO(data), "r") as f:
+        if "layer_names" in f.attrs:
+            fmt, kernels = "legacy", []
+            for name in f.attrs["layer_names"]:
+                g = f[name.decode() if isinstance(name, bytes) else name]
+                wnames = list(g.attrs.get("weight_names", []))
+                if wnames:
+                    wn = wnames[0]
+                    kernels.append(tuple(g[wn.decode() if isinstance(wn, bytes) else wn].shape))
+        elif "layers" in f:
+            fmt, kernels = "keras", []
+            for g in f["layers"].values():
+                if "vars" in g and "0" in g["vars"]:
+                    kernels.append(tuple(g["vars"]["0"].shape))
+        else:
+            raise ValueError("an HDF5 file, but not Keras weights (no layer_names, no layers)")
+    if sorted(kernels) != sorted(VGG16_CONV_KERNELS):
+        extra = [k for k in kernels if len(k) != 4]
+        hint = (f" ({len(extra)} non-conv layers: a full model with its top? VGG16 needs the "
+                "notop weights)" if extra else "")
+        raise ValueError(f"not VGG16 conv-base weights: {len(kernels)} layers with weights "
+                         f"where VGG16 without its top has 13{hint}")
+    return fmt
 
 
 def resolve_weights(text: str, storage_options: dict[str, Any] | None = None) -> WeightsSpec:
@@ -50,21 +99,38 @@ def resolve_weights(text: str, storage_options: dict[str, Any] | None = None) ->
     store = Storage(text, storage_options)
     if not store.fs.exists(store.root) or store.fs.isdir(store.root):
         raise FileNotFoundError(f"weights file not found: {text}")
-    digest = hashlib.sha256(store.read_bytes(store.root)).hexdigest()
-    return WeightsSpec(kind="file", identity=f"sha256:{digest}", url=text,
-                       storage_options=tuple(sorted((storage_options or {}).items())))
+    data = store.read_bytes(store.root)
+    try:
+        fmt = weights_file_format(data)
+    except ValueError as e:
+        raise ValueError(f"{text}: {e}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    # store.url: an absolute path for local files, since actors have another working dir.
+    return WeightsSpec(kind="file", identity=f"sha256:{digest}", url=store.url,
+                       storage_options=tuple(sorted((storage_options or {}).items())),
+                       file_format=fmt)
+
+
+def _suffix(file_format: str) -> str:
+    """The name ending that tells Keras' load_weights the format."""
+    return ".weights.h5" if file_format == "keras" else ".h5"
 
 
 def _local_weights_file(spec: WeightsSpec) -> str:
-    """A local copy of a weights file, cached by content hash (keeps the name's suffix,
-    which tells Keras the format: `.weights.h5` is Keras 3, any other `.h5` is legacy)."""
+    """A local copy of a weights file, cached by content hash, whose name ends as Keras
+    wants for its format (`.weights.h5` for Keras 3, any other `.h5` for legacy files)."""
     assert spec.url is not None
+    suffix = _suffix(spec.file_format or ("keras" if spec.url.endswith(".weights.h5")
+                                          else "legacy"))
     if "://" not in spec.url or spec.url.startswith("file://"):
-        return spec.url.removeprefix("file://")
+        local_path = spec.url.removeprefix("file://")
+        named_right = local_path.endswith(suffix) and (
+            suffix == ".weights.h5" or not local_path.endswith(".weights.h5"))
+        if named_right:
+            return local_path
     cache = os.path.join(os.path.expanduser("~/.cache/bottleneck/weights"))
     os.makedirs(cache, exist_ok=True)
     digest = spec.identity.removeprefix("sha256:")
-    suffix = ".weights.h5" if spec.url.endswith(".weights.h5") else ".h5"
     local = os.path.join(cache, digest + suffix)
     if not os.path.exists(local):
         store = Storage(spec.url, dict(spec.storage_options))
