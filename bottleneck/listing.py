@@ -11,15 +11,21 @@ class InputError(ValueError):
 
 
 def list_inputs(source: Storage) -> list[Entry]:
-    """Every non-hidden file under the root, sorted by path.
+    """Every non-hidden file under the root, sorted by path, labelled by its first folder.
 
-    On object stores `find` pages through the listing (one request per 1000 keys on S3),
-    never one request per object.
+    On object stores `find` pages through a flat listing (one request per 1,000 keys on
+    S3), never one request per object. Folder placeholders (the empty `name/` keys that
+    consoles create) are folders, not inputs.
+    Raises InputError when the root is missing or is a file.
     """
-    fs, root = source.fs, source.root
-    if not with_retries(lambda: fs.exists(root)):
+    fs = source.fs
+    root = source.fresh(source.root)
+    if not with_retries(lambda: fs.exists(root), what=f"exists {source.url}"):
         raise InputError(f"INPUT does not exist: {source.url}")
-    if with_retries(lambda: fs.isfile(root)):
+    if with_retries(lambda: fs.isfile(root), what=f"info {source.url}"):
         raise InputError(f"INPUT must be a folder or bucket prefix, not a file: {source.url}")
-    paths = with_retries(lambda: fs.find(root, withdirs=False))
+    found = with_retries(lambda: fs.find(source.fresh(root), withdirs=False, detail=True),
+                         what=f"list {source.url}")
+    paths = [p for p, info in found.items()
+             if not p.endswith("/") and info.get("type", "file") != "directory"]
     return make_entries(root, paths, source.to_url)
