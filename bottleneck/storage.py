@@ -7,9 +7,12 @@ Credentials never leave this object in logs: `redact` strips them from anything 
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import random
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,26 +23,24 @@ import fsspec
 from fsspec.core import url_to_fs
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
-# AWS settings that workers need to reach the same buckets as the driver.
-AWS_ENV_VARS = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "AWS_PROFILE",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_CONFIG_FILE",
-    "AWS_SHARED_CREDENTIALS_FILE",
-)
-_SECRET_KEYS = ("secret", "token", "password", "key_id", "access_key", "credential")
+# Environment that workers need to reach the same stores as the driver: every AWS_* variable
+# (endpoint, credentials, profile, region, web-identity and container roles, retry mode, CA
+# bundle…), fsspec's own FSSPEC_<PROTOCOL>_<OPTION> defaults, and the usual GCS/Azure ones.
+FORWARDED_ENV_PREFIXES = ("AWS_", "FSSPEC_", "AZURE_STORAGE_")
+FORWARDED_ENV_VARS = ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT")
+
+# Option names whose values are credentials ("key" is s3fs' name for the access key id).
+_SECRET_NAMES = {"key", "secret", "token", "password", "passwd", "sas_token", "account_key",
+                 "client_secret", "session_token", "credentials", "connection_string"}
+_SECRET_PARTS = ("secret", "token", "password", "passwd", "key_id", "access_key", "credential",
+                 "private", "signature", "account_key", "connection_string")
 
 
 def is_secret_key(key: str) -> bool:
     k = key.lower()
-    return any(s in k for s in _SECRET_KEYS)
+    return k in _SECRET_NAMES or any(s in k for s in _SECRET_PARTS)
 
 
 def redact(options: dict[str, Any] | None) -> dict[str, Any]:
@@ -48,44 +49,103 @@ def redact(options: dict[str, Any] | None) -> dict[str, Any]:
         return {}
     out: dict[str, Any] = {}
     for k, v in options.items():
-        if isinstance(v, dict):
-            out[k] = redact(v)
-        elif is_secret_key(k):
+        if is_secret_key(str(k)):
             out[k] = "***"
+        elif isinstance(v, dict):
+            out[k] = redact(v)
         else:
             out[k] = v
     return out
 
 
+# -- transient errors ------------------------------------------------------------------
+# A retry is worth it for time-outs, dropped connections, throttling and 5xx answers. The
+# decision reads the exception chain (s3fs raises OSError `from` botocore's ClientError,
+# which carries the HTTP status), not the message, which holds paths like "img-500.jpg".
+_TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+_TRANSIENT_CODES = {"RequestTimeout", "RequestTimeoutException", "Throttling",
+                    "ThrottlingException", "SlowDown", "InternalError", "ServiceUnavailable",
+                    "RequestLimitExceeded", "TooManyRequests", "BandwidthLimitExceeded",
+                    "PriorRequestNotComplete", "OperationAborted"}
+_TRANSIENT_TYPES = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+                    "ConnectionClosedError", "ResponseStreamingError", "IncompleteReadError",
+                    "HTTPClientError", "ClientConnectionError", "ClientConnectorError",
+                    "ServerDisconnectedError", "ServerTimeoutError", "ClientPayloadError",
+                    "ClientOSError", "FSTimeoutError", "IncompleteRead", "RemoteDisconnected",
+                    "ProtocolError", "ChunkedEncodingError", "ReadTimeout", "ConnectTimeout",
+                    "ResponseParserError"}
+_TRANSIENT_ERRNOS = {errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE,
+                     errno.EAGAIN, errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO)}
+_PERMANENT_TYPES = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+                    FileExistsError)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen and len(seen) < 10:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _http_status(e: BaseException) -> tuple[int | None, str | None]:
+    """(status, error code) of a botocore ClientError-like exception, else (None, None)."""
+    response = getattr(e, "response", None)
+    if isinstance(response, dict):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return status, response.get("Error", {}).get("Code")
+    for attr in ("status_code", "status", "code"):  # gcsfs HttpError, adlfs, aiohttp
+        v = getattr(e, attr, None)
+        if isinstance(v, int) and 100 <= v < 600:
+            return v, None
+    return None, None
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Errors worth retrying: timeouts, connection resets, throttling and 5xx from a store."""
-    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError,
-                        PermissionError, FileExistsError)):
-        return False
-    if isinstance(exc, (TimeoutError, ConnectionError)):
-        return True
-    text = f"{type(exc).__name__} {exc}".lower()
-    markers = ("timeout", "timed out", "connection", "throttl", "slowdown", "slow down",
-               "internalerror", "serviceunavailable", "service unavailable", "503", "500",
-               "502", "504", "reset by peer", "broken pipe", "temporarily")
-    return any(m in text for m in markers)
+    """Errors worth retrying: time-outs, dropped connections, throttling and 5xx from a store.
+
+    Missing files, permissions and other 4xx answers are not retried.
+    """
+    for e in _chain(exc):
+        status, code = _http_status(e)
+        if status is not None or code is not None:
+            return status in _TRANSIENT_STATUS or code in _TRANSIENT_CODES
+        if any(t.__name__ in _TRANSIENT_TYPES for t in type(e).__mro__):
+            return True
+        if isinstance(e, _PERMANENT_TYPES):
+            return False
+        if isinstance(e, (TimeoutError, ConnectionError)):
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+    return False
 
 
 def with_retries(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.2,
                  what: str = "storage call") -> T:
-    """Call fn, retrying transient storage errors with jittered exponential back-off."""
+    """Call fn, retrying transient storage errors (see `is_transient`) with jittered
+    exponential back-off: up to `attempts` calls, about 0.2+0.4+0.8+1.6 s of waiting.
+    The last error, or the first that is not transient, is raised."""
     for attempt in range(1, attempts + 1):
         try:
             return fn()
         except Exception as e:  # noqa: BLE001 - filtered just below
             if attempt == attempts or not is_transient(e):
                 raise
-            time.sleep(base_delay * 2 ** (attempt - 1) * (0.5 + random.random()))
+            delay = base_delay * 2 ** (attempt - 1) * (0.5 + random.random())
+            log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(e).__name__,
+                        str(e)[:200], attempt, attempts - 1, delay)
+            time.sleep(delay)
     raise AssertionError("unreachable")
 
 
 class Storage:
-    """One root (a folder or bucket prefix) and the fsspec filesystem behind it."""
+    """One root (a folder or bucket prefix) and the fsspec filesystem behind it.
+
+    Listings are never served from fsspec's listing cache: other processes (the actors)
+    write to the same prefixes, and a stale listing would hide their files.
+    """
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         self.options = dict(storage_options or {})
@@ -96,6 +156,9 @@ class Storage:
             root = os.path.abspath(os.path.expanduser(root))
         self.root = root.rstrip("/") or "/"
         self.url = self.to_url(self.root)
+
+    def __repr__(self) -> str:  # never the options: they may hold credentials
+        return f"Storage({self.url!r})"
 
     # -- names -----------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -111,13 +174,26 @@ class Storage:
     def child(self, *parts: str) -> "Storage":
         return Storage(self.to_url(self.path(*parts)), self.options)
 
+    def fresh(self, path: str) -> str:
+        """`path`, with fsspec's cached listings of it and its parents dropped."""
+        self.fs.invalidate_cache(path)
+        return path
+
     # -- reads -----------------------------------------------------------------------
     def exists(self, *parts: str) -> bool:
-        return with_retries(lambda: self.fs.exists(self.path(*parts)))
+        p = self.path(*parts)
+        return with_retries(lambda: self.fs.exists(self.fresh(p)), what=f"exists {p}")
 
     def read_bytes(self, path: str) -> bytes:
-        """Read a whole file by its fsspec path (as returned by listing)."""
-        return with_retries(lambda: self.fs.cat_file(path), what=f"read {path}")
+        """Read a whole file by its fsspec path (as returned by listing): one GET on S3."""
+        return with_retries(lambda: self.fs.cat_file(path, **self._one_request),
+                            what=f"read {path}")
+
+    @property
+    def _one_request(self) -> dict[str, Any]:
+        # s3fs asks for the size first (a HEAD per file) to split big reads into parallel
+        # ranges; images are small, so read each with a single GET.
+        return {"max_concurrency": 1} if getattr(self.fs, "max_concurrency", 1) > 1 else {}
 
     def read_json(self, *parts: str) -> Any:
         return json.loads(self.read_bytes(self.path(*parts)))
@@ -126,10 +202,11 @@ class Storage:
         """Base names directly under a folder; empty when it does not exist."""
         p = self.path(*parts)
         try:
-            entries = with_retries(lambda: self.fs.ls(p, detail=False))
+            entries = with_retries(lambda: self.fs.ls(self.fresh(p), detail=False),
+                                   what=f"list {p}")
         except FileNotFoundError:
             return []
-        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries} - {""})
 
     # -- writes ----------------------------------------------------------------------
     def makedirs(self, *parts: str) -> None:
@@ -140,30 +217,45 @@ class Storage:
     def open_atomic(self, *parts: str) -> Iterator[IO[bytes]]:
         """Write a file aside (`_tmp/…`) and move it to its name only once it is complete.
 
-        Readers never see a half-written file: on a local disk the move is a rename; on an
-        object store it is a server-side copy, and an object appears whole or not at all.
+        Readers never see a half-written file. On a local disk the move is a rename. On an
+        object store the caller writes to a local spool file; on leaving the block it is
+        uploaded to `_tmp/…` and copied server-side to its name (a copy appears whole or
+        not at all), each step retried on transient errors, and `_tmp/…` is removed.
+        On an exception nothing is committed.
         """
         final = self.path(*parts)
         tmp = self.path("_tmp", f"{uuid.uuid4().hex}-{final.rsplit('/', 1)[-1]}")
-        self.makedirs("_tmp")
         if self.is_local:
+            self.makedirs("_tmp")
             self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-        try:
-            with self.fs.open(tmp, "wb") as f:
-                yield f
-            with_retries(lambda: self.fs.mv(tmp, final), what=f"commit {final}")
-        except BaseException:
             try:
-                self.fs.rm(tmp)
-            except Exception:  # noqa: BLE001 - best effort; _tmp is never read
-                pass
-            raise
+                with self.fs.open(tmp, "wb") as f:
+                    yield f
+                self.fs.mv(tmp, final)
+            except BaseException:
+                self._discard(tmp)
+                raise
+            return
+        with tempfile.TemporaryDirectory(prefix="bottleneck-spool-") as spool_dir:
+            spool = os.path.join(spool_dir, "data")
+            with open(spool, "wb") as f:
+                yield f
+            try:
+                with_retries(lambda: self.fs.put_file(spool, tmp), what=f"upload {tmp}")
+                with_retries(lambda: self.fs.cp_file(tmp, final), what=f"commit {final}")
+            finally:
+                self._discard(tmp)
+
+    def _discard(self, path: str) -> None:
+        """Best effort: whatever is left under _tmp is never read, and the next run clears it."""
+        try:
+            with_retries(lambda: self.fs.rm_file(path), attempts=3, what=f"remove {path}")
+        except Exception:  # noqa: BLE001
+            pass
 
     def write_bytes_atomic(self, data: bytes, *parts: str) -> None:
-        def write() -> None:
-            with self.open_atomic(*parts) as f:
-                f.write(data)
-        with_retries(write, what=f"write {'/'.join(parts)}")
+        with self.open_atomic(*parts) as f:
+            f.write(data)
 
     def write_json_atomic(self, obj: Any, *parts: str) -> None:
         self.write_bytes_atomic(json.dumps(obj, indent=2, sort_keys=True).encode(), *parts)
@@ -171,17 +263,16 @@ class Storage:
     def rm(self, *parts: str, recursive: bool = False) -> None:
         p = self.path(*parts)
         try:
-            with_retries(lambda: self.fs.rm(p, recursive=recursive))
+            with_retries(lambda: self.fs.rm(self.fresh(p), recursive=recursive), what=f"rm {p}")
         except FileNotFoundError:
             pass
 
     def check_writable(self) -> None:
         """Raise PermissionError/OSError early if the root cannot be written."""
-        probe = f".write-probe-{uuid.uuid4().hex}"
+        probe = self.path(f".write-probe-{uuid.uuid4().hex}")
         self.makedirs()
-        with self.fs.open(self.path(probe), "wb") as f:
-            f.write(b"ok")
-        self.fs.rm(self.path(probe))
+        with_retries(lambda: self.fs.pipe_file(probe, b"ok"), what=f"write {probe}")
+        self._discard(probe)
 
 
 def parse_storage_options(text: str | None) -> dict[str, Any]:
@@ -198,8 +289,10 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
 
 
 def aws_env() -> dict[str, str]:
-    """The AWS variables of this process that workers need too (for the Ray runtime env)."""
-    return {k: os.environ[k] for k in AWS_ENV_VARS if k in os.environ}
+    """The storage variables of this process that workers need too (for the Ray runtime
+    env): see FORWARDED_ENV_PREFIXES. Values are credentials: never print them."""
+    return {k: v for k, v in os.environ.items()
+            if k.startswith(FORWARDED_ENV_PREFIXES) or k in FORWARDED_ENV_VARS}
 
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> fsspec.AbstractFileSystem:
