@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -233,6 +234,8 @@ def train_head(o: TrainOptions) -> dict[str, Any]:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=h.early_stopping, restore_best_weights=True))
     t0 = time.perf_counter()
+    # The validation stream's length is not known ahead; Keras warns when it ends. It should.
+    warnings.filterwarnings("ignore", message="Your input ran out of data")
     fit = model.fit(train_data, validation_data=val_data, epochs=h.epochs, verbose=o.verbose,
                     steps_per_epoch=steps, callbacks=callbacks, shuffle=False)
     fit_seconds = time.perf_counter() - t0
