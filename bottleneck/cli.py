@@ -240,6 +240,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     weights=args.weights, epochs=args.epochs, address=args.address)
 
 
+def _add_benchmark(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("benchmark", help="extract's img/s against the conv base limit and Ray Data",
+                       description="Measures, on the same images: the conv base alone on "
+                                   "in-memory tensors (the limit), the whole extract command, "
+                                   "its steady state, and a Ray Data pipeline; prints img/s and "
+                                   "ratios.")
+    p.add_argument("--images", default=None,
+                   help="folder of images (default: COUNT photos of 500x375 generated from "
+                        "scikit-learn's sample photographs)")
+    p.add_argument("--count", type=int, default=1024, help="(default: 1024)")
+    p.add_argument("--image-size", type=int, default=224, help="(default: 224)")
+    p.add_argument("--weights", default="random", help="(default: random)")
+    p.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
+    p.add_argument("--limit-seconds", type=float, default=30.0,
+                   help="how long to time the conv base alone (default: 30)")
+    p.add_argument("--no-ray-data", dest="ray_data", action="store_false",
+                   help="skip the Ray Data comparison")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
+    p.add_argument("--workdir", default=None, help="where temporary files go (default: $TMPDIR)")
+    p.set_defaults(func=cmd_benchmark)
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    import json
+
+    from .benchmark import format_results, run_benchmark
+
+    r = run_benchmark(args.images, args.count, args.image_size, args.weights, args.batch_size,
+                      args.limit_seconds, args.ray_data, workdir=args.workdir)
+    print(format_results(r))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=2)
+    return EXIT_OK
+
+
 def _fail(e: BaseException, code: int = EXIT_USAGE) -> int:
     print(f"bottleneck: error: {e}", file=sys.stderr)
     return code
@@ -255,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_predict(sub)
     _add_demo(sub)
+    _add_benchmark(sub)
     return parser
 
 

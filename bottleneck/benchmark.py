@@ -1,0 +1,212 @@
+"""`bottleneck benchmark`: how close `extract` comes to the machine's limit, and to Ray Data.
+
+On the same images, in one run:
+1. the limit: the conv base alone on tensors already in memory, in a Ray actor with the
+   same resources, threads and batch size as extract's actors;
+2. the whole `bottleneck extract` command in a fresh process (Ray start included), and its
+   steady state (images / time the actors spent on shards);
+3. what a user would write instead: Ray Data read_images → map_batches (an actor pool
+   holding the same conv base) → write_parquet, whole process.
+It prints img/s for each and the ratios. The same command runs on CPUs and GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .images import DecodeOptions, decode_image
+
+
+def conv_base_limit(weights: str, image_size: int, batch_size: int, threads: int | None,
+                    seconds: float = 20.0, xla: bool = False) -> float:
+    """img/s of the conv base alone on in-memory batches (after one warm-up call)."""
+    from .model import BatchRunner, build_conv_base, configure_threads, resolve_weights
+
+    configure_threads(threads)
+    model = build_conv_base(resolve_weights(weights), image_size)
+    run = BatchRunner(model, batch_size, xla=xla)
+    x = np.random.default_rng(0).uniform(-120, 130, (batch_size, image_size, image_size, 3))
+    x = x.astype(np.float32)
+    run(x)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or n < 2 * batch_size:
+        run(x)
+        n += batch_size
+    return n / (time.perf_counter() - t0)
+
+
+def decode_rate(paths: list[Path], image_size: int, jpeg_draft: bool = False) -> float:
+    """img/s of read + decode + resize on one core (one thread)."""
+    opts = DecodeOptions(image_size, jpeg_draft=jpeg_draft)
+    t0 = time.perf_counter()
+    for p in paths:
+        decode_image(p.read_bytes(), opts)
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def draft_fidelity(paths: list[Path], weights: str, image_size: int) -> dict[str, float]:
+    """Feature error of JPEG draft decoding against full decoding, relative to the largest
+    feature value of each image (the parity measure of the extraction issue)."""
+    from .images import preprocess
+    from .model import BatchRunner, build_conv_base, resolve_weights
+
+    run = BatchRunner(build_conv_base(resolve_weights(weights), image_size), 16)
+    errs = []
+    for i in range(0, len(paths), 16):
+        chunk = paths[i:i + 16]
+        full = np.stack([decode_image(p.read_bytes(), DecodeOptions(image_size)) for p in chunk])
+        draft = np.stack([decode_image(p.read_bytes(), DecodeOptions(image_size, jpeg_draft=True))
+                          for p in chunk])
+        a, b = run(preprocess(full)), run(preprocess(draft))
+        for fa, fb in zip(a, b):
+            errs.append(float(np.abs(fa - fb).max() / max(np.abs(fa).max(), 1e-12)))
+    return {"max": max(errs), "median": float(np.median(errs))}
+
+
+RAY_DATA_SCRIPT = r'''
+import sys, time, os
+t0 = time.perf_counter()
+import numpy as np, ray
+src, dst, weights, size, batch, cpus = sys.argv[1:7]
+size, batch, cpus = int(size), int(batch), int(cpus)
+ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
+
+class Vgg:
+    def __init__(self):
+        from bottleneck.model import BatchRunner, build_conv_base, configure_threads, resolve_weights
+        configure_threads(cpus)
+        self.run = BatchRunner(build_conv_base(resolve_weights(weights), size), batch)
+    def __call__(self, b):
+        from bottleneck.images import preprocess
+        x = preprocess(np.asarray(b["image"], dtype=np.float32))
+        f = self.run(x).reshape(len(x), -1)
+        return {"path": b["path"], "features": list(f)}
+
+ds = ray.data.read_images(src, size=(size, size), mode="RGB", include_paths=True)
+# One actor with 1 CPU: Ray Data stalls when its actors reserve every CPU (no room to read).
+ds = ds.map_batches(Vgg, batch_size=batch, concurrency=1, num_cpus=1)
+ds.write_parquet(dst)
+print("RAYDATA_SECONDS", time.perf_counter() - t0)
+'''
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:4])}… failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return time.perf_counter() - t0, r.stdout + r.stderr
+
+
+def run_benchmark(images: str | None, count: int = 1024, image_size: int = 224,
+                  weights: str = "random", batch_size: int = 32, limit_seconds: float = 30.0,
+                  ray_data: bool = True, extra_args: list[str] | None = None,
+                  workdir: str | None = None) -> dict[str, Any]:
+    from .demo_data import write_photos
+    from .distribute import choose_layout
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", RAY_ADDRESS="")
+    env.pop("RAY_ADDRESS")
+    res: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        if images is None:
+            images = f"{tmp}/images"
+            write_photos(images, count)
+        paths = sorted(Path(images).rglob("*.jpg")) + sorted(Path(images).rglob("*.png"))
+        n = len(paths)
+        res["images"] = n
+        cpus = os.cpu_count() or 1
+        layout = choose_layout(cpus, _gpu_count())
+        res["layout"] = layout.describe()
+        print(f"{n} images at {image_size} px; extract's layout here: {layout.describe()}",
+              flush=True)
+
+        # 2. The whole command, as a user runs it (a fresh process starts its own Ray).
+        cmd = [sys.executable, "-m", "bottleneck", "extract", images, f"{tmp}/out",
+               "--weights", weights, "--image-size", str(image_size), "--batch-size",
+               str(batch_size), "--address", "local", "--no-progress", *(extra_args or [])]
+        secs, _ = _run(cmd, env)
+        done = json.loads(Path(tmp, "out", "_SUCCESS.json").read_text())
+        res["extract_img_s"] = n / secs
+        res["extract_seconds"] = secs
+        steady = done.get("timing", {}).get("steady_img_per_s")
+        res["steady_img_s"] = steady
+        part_bytes = sum(p.stat().st_size for p in Path(tmp, "out").glob("part-*.parquet"))
+        res["bytes_per_image"] = part_bytes / max(done["rows"], 1)
+        print(f"extract (whole command): {res['extract_img_s']:.2f} img/s ({secs:.1f}s); "
+              f"steady state {steady and f'{steady:.2f}'} img/s", flush=True)
+
+        # 1. The limit, with the same threads and device as one extract actor.
+        import ray
+
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING",
+                 runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
+        try:
+            task = ray.remote(conv_base_limit).options(num_cpus=layout.num_cpus,
+                                                       num_gpus=layout.num_gpus)
+            per_actor = ray.get(task.remote(weights, image_size, batch_size, layout.threads,
+                                            limit_seconds))
+        finally:
+            ray.shutdown()
+        res["limit_img_s"] = per_actor * layout.actors
+        print(f"limit (conv base alone, {layout.actors} actor(s)): {res['limit_img_s']:.2f} img/s",
+              flush=True)
+
+        # 3. Ray Data, the pipeline a user would write instead.
+        if ray_data:
+            script = Path(tmp, "raydata.py")
+            script.write_text(RAY_DATA_SCRIPT)
+            secs, _ = _run([sys.executable, str(script), images, f"{tmp}/raydata", weights,
+                            str(image_size), str(batch_size), str(cpus)], env)
+            res["ray_data_img_s"] = n / secs
+            print(f"Ray Data pipeline (whole process): {res['ray_data_img_s']:.2f} img/s "
+                  f"({secs:.1f}s)", flush=True)
+
+        res["decode_img_s_per_core"] = decode_rate(paths[:200], image_size)
+        res["decode_draft_img_s_per_core"] = decode_rate(paths[:200], image_size, jpeg_draft=True)
+    lim = res["limit_img_s"]
+    res["ratio_whole_to_limit"] = res["extract_img_s"] / lim
+    if res.get("steady_img_s"):
+        res["ratio_steady_to_limit"] = res["steady_img_s"] / lim
+    if res.get("ray_data_img_s"):
+        res["ratio_to_ray_data"] = res["extract_img_s"] / res["ray_data_img_s"]
+    return res
+
+
+def _gpu_count() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+        return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+    except (OSError, subprocess.SubprocessError):
+        return 0
+
+
+def format_results(r: dict[str, Any]) -> str:
+    lines = [
+        f"images                      {r['images']}",
+        f"limit (conv base alone)     {r['limit_img_s']:8.2f} img/s",
+        f"extract, whole command      {r['extract_img_s']:8.2f} img/s   "
+        f"{r['ratio_whole_to_limit']:.3f} of the limit",
+    ]
+    if r.get("steady_img_s"):
+        lines.append(f"extract, steady state       {r['steady_img_s']:8.2f} img/s   "
+                     f"{r['ratio_steady_to_limit']:.3f} of the limit")
+    if r.get("ray_data_img_s"):
+        lines.append(f"Ray Data pipeline           {r['ray_data_img_s']:8.2f} img/s   "
+                     f"extract is {r['ratio_to_ray_data']:.2f}x")
+    lines += [
+        f"decode, one core            {r['decode_img_s_per_core']:8.1f} img/s "
+        f"({r['decode_draft_img_s_per_core']:.1f} with --jpeg-draft)",
+        f"stored bytes per image      {r['bytes_per_image']:8.0f}",
+        f"layout                      {r['layout']}",
+    ]
+    return "\n".join(lines)
