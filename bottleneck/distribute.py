@@ -19,6 +19,8 @@ from .planning import Shard
 # Measured on 2 cores (README, Performance): one actor using every core beats one per core,
 # since each actor holds its own 58 MB model and the shards would compete for the same cores.
 MAX_THREADS_PER_ACTOR = 8
+GPU_ACTOR_TF_THREADS = 2
+GPU_ACTOR_DECODE_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -45,11 +47,13 @@ def choose_layout(cluster_cpus: float, cluster_gpus: float, actors: int | None =
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if cluster_gpus >= 1 else 0.0
     if gpus_per_actor > 0:
+        # With no GPU node up yet (an autoscaler scaling from zero), ask for the actors
+        # anyway: their GPU requests are what brings the nodes up.
         n = actors or max(1, int(cluster_gpus // gpus_per_actor))
-        per = max(1, cpus // n)
-        # A GPU needs several cores of JPEG decoding to stay busy (README, GPUs).
-        return Layout(n, num_cpus=min(per, 1), num_gpus=gpus_per_actor, threads=min(per, 4),
-                      decode_threads=max(2, per))
+        # A GPU needs several cores of JPEG decoding to stay busy (README, GPUs); the actor
+        # reserves one CPU and runs its decode threads on the GPU node's cores.
+        return Layout(n, num_cpus=1, num_gpus=gpus_per_actor, threads=GPU_ACTOR_TF_THREADS,
+                      decode_threads=GPU_ACTOR_DECODE_THREADS)
     if actors:
         per = max(1, cpus // actors)
     else:
