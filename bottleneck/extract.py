@@ -15,7 +15,7 @@ from typing import Any
 from .extractor import ExtractConfig, Extractor, ShardResult
 from .images import DecodeOptions
 from .listing import list_inputs
-from .manifest import SUCCESS, Manifest, OutputLock, prepare_output
+from .manifest import SUCCESS, Manifest, OutputLock, check_resumable, prepare_output
 from .model import WeightsSpec, resolve_weights
 from .planning import committed_shards, labels_of, listing_digest, part_name, plan_remaining, plan_shards
 from .schema import DTYPES, POOLINGS, FeatureSettings
@@ -62,6 +62,7 @@ class ExtractSummary:
     retries: int
     seconds: float
     layout: str = ""
+    results: list[ShardResult] = field(default_factory=list)  # the shards run now
 
     @property
     def ok(self) -> bool:
@@ -142,6 +143,8 @@ def check_extract(o: ExtractOptions) -> CheckedExtract:
     settings = FeatureSettings(weights=weights.identity, image_size=o.image_size,
                                interpolation=o.interpolation, pooling=o.pooling, dtype=o.dtype,
                                jpeg_draft=o.jpeg_draft)
+    if not o.overwrite:  # OutputConflict now, not after Ray has started
+        check_resumable(out, "features", settings.to_dict(), source.url, o.shard_size)
     return CheckedExtract(o, source, out, weights, settings)
 
 
@@ -155,9 +158,14 @@ class ExtractorActor(Extractor):
 
     def process_shard(self, shard: Any, labels: tuple[str, ...] = (),
                       progress: Any = None) -> ShardResult:
+        import ray
+
         def report(index: int, done: int, errors: int) -> None:
             self.tracker.update.remote(index, done, errors)
-        return super().process_shard(shard, labels, report)
+        result = super().process_shard(shard, labels, report)
+        result.worker = ray.get_runtime_context().get_actor_id() or ""
+        result.gpu_ids = tuple(str(g) for g in ray.get_gpu_ids())
+        return result
 
 
 def _log(msg: str) -> None:
@@ -240,4 +248,4 @@ def _summarize(c: CheckedExtract, o: ExtractOptions, entries: list, shards: list
         output=c.out.url, images=len(entries), rows=rows, errors=errors, shards=len(shards),
         shards_run=len(outcome.results) if outcome else 0, shards_skipped=len(done),
         failed=dict(outcome.failed) if outcome else {}, retries=outcome.retries if outcome else 0,
-        seconds=seconds, layout=layout)
+        seconds=seconds, layout=layout, results=list(outcome.results) if outcome else [])

@@ -51,6 +51,8 @@ class ShardResult:
     rows: int
     errors: int
     seconds: dict[str, float] = field(default_factory=dict)
+    worker: str = ""  # who ran it (a Ray actor id); empty in-process
+    gpu_ids: tuple[str, ...] = ()  # the accelerators Ray gave that worker
 
 
 def decode_stream(entries: tuple[Entry, ...], read: Callable[[str], bytes],

@@ -46,27 +46,58 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
-    def mismatches(self, other: "Manifest") -> list[str]:
-        """What differs between two manifests, in words; empty when a resume is safe."""
+    def mismatches(self, other: "Manifest", listing: bool = True) -> list[str]:
+        """What differs between two manifests, in words; empty when a resume is safe.
+
+        `listing=False` leaves out the listing fingerprint, for the check made before INPUT
+        is listed."""
         diffs = []
-        for k in ("kind", "shard_size"):
+        for k, name in (("kind", "kind"), ("input_url", "INPUT"), ("shard_size", "shard_size")):
             if getattr(self, k) != getattr(other, k):
-                diffs.append(f"{k}: {getattr(other, k)!r} in OUTPUT, {getattr(self, k)!r} now")
+                diffs.append(f"{name}: {getattr(other, k)!r} in OUTPUT, {getattr(self, k)!r} now")
         for k in sorted(set(self.settings) | set(other.settings)):
             a, b = self.settings.get(k), other.settings.get(k)
             if a != b:
                 diffs.append(f"{k}: {b!r} in OUTPUT, {a!r} now")
-        if self.listing_sha256 != other.listing_sha256:
-            diffs.append(f"INPUT listing changed: {other.images} files when OUTPUT was made "
-                         f"({other.input_url}), {self.images} now ({self.input_url})")
+        if (listing and self.input_url == other.input_url
+                and self.listing_sha256 != other.listing_sha256):
+            diffs.append(f"INPUT listing changed: {other.images} files when OUTPUT was made, "
+                         f"{self.images} now ({self.input_url})")
         return diffs
 
 
+def _conflict(out: Storage, diffs: list[str]) -> OutputConflict:
+    return OutputConflict(
+        f"OUTPUT {out.url} was made with other settings; refusing to mix them:\n  - "
+        + "\n  - ".join(diffs)
+        + "\nUse another OUTPUT, or --overwrite to replace what is there.")
+
+
 def read_manifest(out: Storage) -> Manifest | None:
+    """OUTPUT's manifest, None when it has none; OutputConflict when it is unreadable."""
     if not out.exists(MANIFEST):
         return None
-    d = out.read_json(MANIFEST)
-    return Manifest(**{k: d[k] for k in Manifest.__dataclass_fields__})
+    try:
+        d = out.read_json(MANIFEST)
+        return Manifest(**{k: d[k] for k in Manifest.__dataclass_fields__})
+    except (ValueError, KeyError, TypeError) as e:
+        raise OutputConflict(f"OUTPUT {out.url} has an unreadable {MANIFEST} ({e!r}); "
+                             "use --overwrite to replace what is there") from None
+
+
+def check_resumable(out: Storage, kind: str, settings: dict[str, Any], input_url: str,
+                    shard_size: int) -> None:
+    """Refuse early (before INPUT is listed or Ray starts) to add to an OUTPUT made with
+    other settings, another INPUT or another shard size. Raises OutputConflict."""
+    old = read_manifest(out)
+    if old is None:
+        return
+    now = Manifest(kind=kind, settings=settings, input_url=input_url,
+                   listing_sha256=old.listing_sha256, images=old.images,
+                   shard_size=shard_size, shards=old.shards)
+    diffs = now.mismatches(old, listing=False)
+    if diffs:
+        raise _conflict(out, diffs)
 
 
 def result_names(out: Storage) -> list[str]:
@@ -91,14 +122,14 @@ def prepare_output(out: Storage, manifest: Manifest, overwrite: bool) -> bool:
     if old is not None and not overwrite:
         diffs = manifest.mismatches(old)
         if diffs:
-            raise OutputConflict(
-                f"OUTPUT {out.url} was made with other settings; refusing to mix them:\n  - "
-                + "\n  - ".join(diffs)
-                + "\nUse another OUTPUT, or --overwrite to replace what is there.")
+            raise _conflict(out, diffs)
     if overwrite:
         for name in result_names(out):
             out.rm(name, recursive=True)
         old = None
+    # Until this run ends well, OUTPUT is not finished: no marker from an earlier run may
+    # vouch for it (say a part was deleted and this run fails to redo it).
+    out.rm(SUCCESS)
     out.rm("_tmp", recursive=True)  # leftovers of a killed run; never read
     out.write_json_atomic(manifest.to_dict(), MANIFEST)
     return old is not None

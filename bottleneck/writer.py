@@ -77,9 +77,16 @@ class ShardWriter:
                  tb: TracebackType | None) -> None:
         assert self._ctx is not None and self._writer is not None
         if et is None:
-            self._writer.close()
-            # Errors first: a shard counts as done only once its part file exists.
-            write_errors(self.out, self.shard_index, self.errors)
+            try:
+                self._writer.close()
+                # Errors first: a shard counts as done only once its part file exists.
+                if self.errors:
+                    write_errors(self.out, self.shard_index, self.errors)
+                else:  # a redone shard must not keep the errors of an earlier try
+                    self.out.rm(ERRORS_DIR, part_name(self.shard_index))
+            except BaseException as e:
+                self._ctx.__exit__(type(e), e, e.__traceback__)  # discards the part file
+                raise
             self._ctx.__exit__(None, None, None)
         else:
             try:
