@@ -133,13 +133,14 @@ def check_extract(o: ExtractOptions) -> CheckedExtract:
     if out.is_local and source.is_local and (out.root + "/").startswith(source.root + "/"):
         raise UsageError(f"OUTPUT {out.url} must not be inside INPUT {source.url}")
     try:
-        out.check_writable()
-    except Exception as e:  # noqa: BLE001
-        raise UsageError(f"OUTPUT is not writable: {out.url}: {e}") from None
-    try:
         weights = resolve_weights(o.weights, o.storage_options)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise UsageError(f"--weights: {e}") from None
+    # Last, since it creates OUTPUT: a command refused for any other reason leaves no trace.
+    try:
+        out.check_writable()
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"OUTPUT is not writable: {out.url}: {e}") from None
     settings = FeatureSettings(weights=weights.identity, image_size=o.image_size,
                                interpolation=o.interpolation, pooling=o.pooling, dtype=o.dtype,
                                jpeg_draft=o.jpeg_draft)
