@@ -118,7 +118,8 @@ def test_the_console_script_is_installed_and_fails_the_same_way(data):
                            str(data["root"] / "out"), "--address", "local"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("bottleneck: error: INPUT does not exist")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("bottleneck: error: INPUT does not exist")
     assert "Ray" not in proc.stderr
 
 

@@ -118,7 +118,8 @@ def test_features_column_type_and_hwc_order(first_run, tree):
     out, _ = first_run
     t = pq.read_table(out)
     assert t.schema.field("features").type == pa.list_(pa.float32(), 2 * 2 * 512)
-    assert t.schema.field("path").type == pa.string() and t.schema.field("label").type == pa.string()
+    assert t.schema.field("path").type == pa.string()
+    assert t.schema.field("label").type == pa.string()
 
     # The same image through the conv base in this process, as Keras returns it (H, W, C).
     from bottleneck.images import DecodeOptions, decode_image, preprocess
@@ -506,3 +507,16 @@ def test_a_second_job_on_the_same_output_is_refused(tmp_path):
     out.write_json_atomic({"token": "dead", "heartbeat": 0, "pid": 1, "host": "h"}, "_lock.json")
     with OutputLock(out):
         pass
+
+
+@pytest.mark.ray
+def test_reader_counts_and_metadata_from_footers(first_run):
+    from bottleneck.reader import count_rows, dataset_metadata, part_paths
+    from bottleneck.storage import Storage
+
+    out, _ = first_run
+    store = Storage(str(out))
+    assert count_rows(store) == (19, 4)
+    assert [p.rsplit("/", 1)[-1] for p in part_paths(store)] == [
+        f"part-0000{i}.parquet" for i in range(5)]
+    assert dataset_metadata(store).labels == ["cat", "dog"]
