@@ -39,8 +39,9 @@ _SECRET_PARTS = ("secret", "token", "password", "passwd", "key_id", "access_key"
 
 
 def is_secret_key(key: str) -> bool:
+    """Whether an option or variable name holds a credential (AWS_SECRET_ACCESS_KEY, token…)."""
     k = key.lower()
-    return k in _SECRET_NAMES or any(s in k for s in _SECRET_PARTS)
+    return k in _SECRET_NAMES or k.endswith("_key") or any(s in k for s in _SECRET_PARTS)
 
 
 def redact(options: dict[str, Any] | None) -> dict[str, Any]:
@@ -224,7 +225,9 @@ class Storage:
         On an exception nothing is committed.
         """
         final = self.path(*parts)
-        tmp = self.path("_tmp", f"{uuid.uuid4().hex}-{final.rsplit('/', 1)[-1]}")
+        # _tmp/<random>-<name, '/' as '-'>: unique per write, and says what it will become.
+        relative = final[len(self.root) + 1:].replace("/", "-")
+        tmp = self.path("_tmp", f"{uuid.uuid4().hex}-{relative}")
         if self.is_local:
             self.makedirs("_tmp")
             self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
@@ -288,11 +291,29 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
     return value
 
 
-def aws_env() -> dict[str, str]:
-    """The storage variables of this process that workers need too (for the Ray runtime
-    env): see FORWARDED_ENV_PREFIXES. Values are credentials: never print them."""
+def aws_env(secrets: bool = True) -> dict[str, str]:
+    """The storage variables of this process that workers need too (see
+    FORWARDED_ENV_PREFIXES); with `secrets=False`, without the credentials among them.
+
+    Ray writes a runtime env's variables into its session logs (runtime_env_agent.log), so
+    only `aws_env(secrets=False)` belongs there; `credentials_env()` must reach the actors
+    another way (their constructor arguments) and be put back with `restore_env`.
+    """
     return {k: v for k, v in os.environ.items()
-            if k.startswith(FORWARDED_ENV_PREFIXES) or k in FORWARDED_ENV_VARS}
+            if (k.startswith(FORWARDED_ENV_PREFIXES) or k in FORWARDED_ENV_VARS)
+            and (secrets or not is_secret_key(k))}
+
+
+def credentials_env() -> dict[str, str]:
+    """The forwarded variables that are credentials (AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN…)."""
+    return {k: v for k, v in aws_env().items() if is_secret_key(k)}
+
+
+def restore_env(values: dict[str, str]) -> None:
+    """In a worker: set the driver's credential variables that this process lacks (what the
+    worker's own machine sets, such as an instance role's, wins)."""
+    for k, v in values.items():
+        os.environ.setdefault(k, v)
 
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> fsspec.AbstractFileSystem:
