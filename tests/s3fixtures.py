@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import http.client
 import io
+import logging
 import os
 import re
 import socket
@@ -48,6 +49,7 @@ class Request:
     key: str
     query: str
     copy_source: str | None
+    body: bytes = field(default=b"", repr=False)
 
     @property
     def is_list(self) -> bool:
@@ -115,7 +117,7 @@ class S3Proxy:
 
             def _handle(self) -> None:
                 body = self._body()
-                r = proxy._record(self.command, self.path, self.headers)
+                r = proxy._record(self.command, self.path, self.headers, body)
                 fault = proxy._fault(r)
                 if fault and fault.drop:
                     self.close_connection = True
@@ -172,11 +174,12 @@ class S3Proxy:
                                        name="s3-proxy")
         self.thread.start()
 
-    def _record(self, method: str, path: str, headers) -> Request:
+    def _record(self, method: str, path: str, headers, body: bytes) -> Request:
         parts = urlsplit(path)
         bucket, _, key = unquote(parts.path).lstrip("/").partition("/")
         src = headers.get("x-amz-copy-source")
-        r = Request(method, bucket, key, parts.query, unquote(src) if src else None)
+        r = Request(method, bucket, key, parts.query, unquote(src) if src else None,
+                    body if len(body) < 1 << 20 else b"")
         with self.lock:
             self.requests.append(r)
         return r
@@ -214,6 +217,7 @@ def s3_server():
     """moto's S3 server on 127.0.0.1, with the counting, fault-injecting proxy in front."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
