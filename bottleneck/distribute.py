@@ -101,6 +101,7 @@ def worker_env() -> dict[str, str]:
 
     env = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
     env.update(aws_env())
+    env.update({k: v for k, v in os.environ.items() if k.startswith("BOTTLENECK_")})
     return env
 
 

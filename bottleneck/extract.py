@@ -6,10 +6,11 @@ work starts); `run_extract` does the job and returns its summary.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .extractor import ExtractConfig, Extractor, ShardResult
@@ -68,8 +69,23 @@ class ExtractSummary:
     def ok(self) -> bool:
         return not self.failed
 
+    def timing(self) -> dict[str, float | None]:
+        """Whole-run and steady-state rates of the shards run now.
+
+        Steady state: images over the time actors spent inside shards (start-up, Ray and
+        model loading excluded), summed over actors running side by side.
+        """
+        images = sum(r.rows + r.errors for r in self.results)
+        busy: dict[str, float] = {}
+        for r in self.results:
+            busy[r.worker] = busy.get(r.worker, 0.0) + r.seconds.get("total", 0.0)
+        steady = sum(images_of(self.results, w) / t for w, t in busy.items() if t > 0) or None
+        return {"seconds": round(self.seconds, 3), "images_this_run": images,
+                "img_per_s": round(images / self.seconds, 3) if images else None,
+                "steady_img_per_s": round(steady, 3) if steady else None}
+
     def lines(self) -> list[str]:
-        rate = self.shards_run and (self.rows + self.errors) / max(self.seconds, 1e-9)
+        rate = self.timing()["img_per_s"]
         out = [
             f"output:  {self.output}",
             f"images:  {self.images} listed, {self.rows} rows written, {self.errors} unreadable "
@@ -85,6 +101,10 @@ class ExtractSummary:
                        "same command to retry them:")
             out += [f"  {part_name(i)}: {err}" for i, err in sorted(self.failed.items())]
         return out
+
+
+def images_of(results: list[ShardResult], worker: str) -> int:
+    return sum(r.rows + r.errors for r in results if r.worker == worker)
 
 
 @dataclass
@@ -149,6 +169,12 @@ def check_extract(o: ExtractOptions) -> CheckedExtract:
     return CheckedExtract(o, source, out, weights, settings)
 
 
+# Test hook, used by tests/test_fault_tolerance.py only: shard numbers whose worker process
+# dies (os._exit) every time it starts them, standing in for an input that crashes a native
+# decoder, which cannot be made on purpose. Unset in normal use.
+CRASH_SHARDS_ENV = "BOTTLENECK_TEST_CRASH_SHARDS"
+
+
 class ExtractorActor(Extractor):
     """The Ray actor: an Extractor that reports progress to the driver's tracker."""
 
@@ -156,17 +182,16 @@ class ExtractorActor(Extractor):
         super().__init__(config)
         self.tracker = tracker
         self.warm_up()
+        self.crash_shards = {int(i) for i in os.environ.get(CRASH_SHARDS_ENV, "").split(",") if i}
 
     def process_shard(self, shard: Any, labels: tuple[str, ...] = (),
                       progress: Any = None) -> ShardResult:
-        import ray
+        if shard.index in self.crash_shards:
+            os._exit(1)
 
         def report(index: int, done: int, errors: int) -> None:
             self.tracker.update.remote(index, done, errors)
-        result = super().process_shard(shard, labels, report)
-        result.worker = ray.get_runtime_context().get_actor_id() or ""
-        result.gpu_ids = tuple(str(g) for g in ray.get_gpu_ids())
-        return result
+        return super().process_shard(shard, labels, report)
 
 
 def _log(msg: str) -> None:
@@ -174,7 +199,11 @@ def _log(msg: str) -> None:
 
 
 def run_extract(o: ExtractOptions, checked: CheckedExtract | None = None) -> ExtractSummary:
-    """Run the whole job (Ray started or joined as --address says). See the module doc."""
+    """Run the whole job (Ray started or joined as --address says). See the module doc.
+
+    Start-up is overlapped: the lock is taken first (a second job is refused before it
+    starts Ray), then OUTPUT is listed while Ray starts and the actors load their model.
+    """
     import ray
 
     from .distribute import ShardPool, choose_layout, cluster_size, connect, worker_env
@@ -182,34 +211,16 @@ def run_extract(o: ExtractOptions, checked: CheckedExtract | None = None) -> Ext
 
     c = checked or check_extract(o)
     t0 = time.perf_counter()
-    # List while Ray starts: both take seconds, neither needs the other. (Ray must start
-    # on the main thread, which owns the signal handlers.)
-    with ThreadPoolExecutor(1) as ex:
-        listing = ex.submit(list_inputs, c.source)
-        where = connect(o.address)
-        entries = listing.result()
-    if not entries:
-        raise UsageError(f"INPUT has no files: {c.source.url}")
-    shards = plan_shards(entries, o.shard_size)
-    labels = tuple(labels_of(entries))
-    manifest = Manifest(kind="features", settings=c.settings.to_dict(), input_url=c.source.url,
-                        listing_sha256=listing_digest(entries), images=len(entries),
-                        shard_size=o.shard_size, shards=len(shards))
     with OutputLock(c.out):
-        prepare_output(c.out, manifest, o.overwrite)
-        done = committed_shards(c.out.ls_names())
-        todo = plan_remaining(shards, done)
-        _log(f"bottleneck extract: {len(entries)} files, {len(labels)} labels, {len(shards)} "
-             f"shards of {o.shard_size}; {len(done)} already done; on {where}")
-        layout_text = ""
-        outcome = None
-        if todo:
+        # List while Ray starts and the actors load the conv base: none needs the others.
+        # (Ray must start on the main thread, which owns the signal handlers.)
+        with ThreadPoolExecutor(1) as ex:
+            listing = ex.submit(list_inputs, c.source)
+            where = connect(o.address)
             cpus, gpus = cluster_size()
             layout = choose_layout(cpus, gpus, o.actors, o.gpus_per_actor)
-            layout = type(layout)(min(layout.actors, len(todo)), layout.num_cpus, layout.num_gpus,
-                                  o.threads or layout.threads, layout.decode_threads)
-            layout_text = layout.describe()
-            _log(f"workers: {layout_text}")
+            if o.threads:
+                layout = replace(layout, threads=o.threads)
             config = ExtractConfig(
                 settings=c.settings, weights=c.weights, output_url=c.out.url,
                 batch_size=o.batch_size, threads=layout.threads,
@@ -220,22 +231,49 @@ def run_extract(o: ExtractOptions, checked: CheckedExtract | None = None) -> Ext
                 num_cpus=layout.num_cpus, num_gpus=layout.num_gpus, max_restarts=0,
                 runtime_env={"env_vars": worker_env()})
             pool = ShardPool(lambda tracker: remote_cls.remote(config, tracker), layout.actors,
-                             max_attempts=o.max_attempts, call_args=(labels,))
-            total = sum(len(s) for s in todo)
-            with ProgressBar(total, enabled=o.progress) as bar:
-                try:
-                    outcome = pool.run(todo, on_progress=bar.update)
-                finally:
-                    pool.shutdown()
-        summary = _summarize(c, o, entries, shards, done, outcome, time.perf_counter() - t0,
-                             layout_text)
-        if summary.ok:
-            c.out.write_json_atomic({
-                "images": summary.images, "rows": summary.rows, "errors": summary.errors,
-                "shards": summary.shards, "settings": c.settings.to_dict(),
-                "input": c.source.url, "storage_options": redact(o.storage_options),
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }, SUCCESS)
+                             max_attempts=o.max_attempts)
+            try:
+                entries = listing.result()
+            except BaseException:
+                pool.shutdown()
+                raise
+        try:
+            summary = _run_planned(c, o, pool, entries, where, layout.describe(), t0, ProgressBar)
+        finally:
+            pool.shutdown()
+    return summary
+
+
+def _run_planned(c: CheckedExtract, o: ExtractOptions, pool: Any, entries: list, where: str,
+                 layout_text: str, t0: float, progress_bar: Any) -> ExtractSummary:
+    if not entries:
+        raise UsageError(f"INPUT has no files: {c.source.url}")
+    shards = plan_shards(entries, o.shard_size)
+    labels = tuple(labels_of(entries))
+    manifest = Manifest(kind="features", settings=c.settings.to_dict(), input_url=c.source.url,
+                        listing_sha256=listing_digest(entries), images=len(entries),
+                        shard_size=o.shard_size, shards=len(shards))
+    prepare_output(c.out, manifest, o.overwrite)
+    done = committed_shards(c.out.ls_names())
+    todo = plan_remaining(shards, done)
+    _log(f"bottleneck extract: {len(entries)} files, {len(labels)} labels, {len(shards)} "
+         f"shards of {o.shard_size}; {len(done)} already done; on {where}")
+    outcome = None
+    if todo:
+        _log(f"workers: {layout_text}")
+        pool.call_args = (labels,)
+        with progress_bar(sum(len(s) for s in todo), enabled=o.progress) as bar:
+            outcome = pool.run(todo, on_progress=bar.update)
+    summary = _summarize(c, o, entries, shards, done, outcome, time.perf_counter() - t0,
+                         layout_text if todo else "")
+    if summary.ok:
+        c.out.write_json_atomic({
+            "images": summary.images, "rows": summary.rows, "errors": summary.errors,
+            "shards": summary.shards, "settings": c.settings.to_dict(),
+            "input": c.source.url, "storage_options": redact(o.storage_options),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "timing": summary.timing(),
+        }, SUCCESS)
     return summary
 
 

@@ -135,6 +135,16 @@ def prepare_output(out: Storage, manifest: Manifest, overwrite: bool) -> bool:
     return old is not None
 
 
+def _started(pid: int) -> float | None:
+    """When process `pid` started (tells a reused pid apart), or None if there is none."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
 class OutputLock:
     """A heartbeat lock file in OUTPUT (see the module doc). Use as a context manager."""
 
@@ -147,7 +157,17 @@ class OutputLock:
 
     def _body(self) -> dict[str, Any]:
         return {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
-                "heartbeat": time.time()}
+                "pid_started": _started(os.getpid()), "heartbeat": time.time()}
+
+    def _is_live(self, held: dict[str, Any]) -> bool:
+        """A fresh heartbeat from a process that still exists. On this host, a lock whose
+        process is gone (killed) is stale at once: no need to wait for the heartbeat to age."""
+        if time.time() - float(held.get("heartbeat", 0)) >= self.stale_after:
+            return False
+        if held.get("host") == socket.gethostname() and "pid" in held:
+            started = _started(int(held["pid"]))
+            return started is not None and started == held.get("pid_started", started)
+        return True
 
     def acquire(self) -> None:
         if self.out.exists(LOCK):
@@ -155,7 +175,7 @@ class OutputLock:
                 held = self.out.read_json(LOCK)
             except (ValueError, FileNotFoundError):
                 held = None
-            if held and time.time() - float(held.get("heartbeat", 0)) < self.stale_after:
+            if held and self._is_live(held):
                 raise OutputConflict(
                     f"another job is writing to {self.out.url} (pid {held.get('pid')} on "
                     f"{held.get('host')}, alive {time.time() - held['heartbeat']:.0f}s ago). "
@@ -182,6 +202,8 @@ class OutputLock:
             self._thread.join(timeout=10)
         try:
             if self.out.read_json(LOCK).get("token") == self.token:
+                # Commits go through _tmp; once the job is over, nothing is left in it.
+                self.out.rm("_tmp", recursive=True)
                 self.out.rm(LOCK)
         except (FileNotFoundError, ValueError):
             pass
