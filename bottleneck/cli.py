@@ -281,8 +281,15 @@ def _fail(e: BaseException, code: int = EXIT_USAGE) -> int:
     return code
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, `bottleneck: error: …`, exit code 2 (the usage is in --help)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"bottleneck: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bottleneck",
         description="VGG16 bottleneck features on Ray, and a classifier trained on them.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -96,13 +96,36 @@ def cluster_size() -> tuple[float, float]:
 
 
 def worker_env() -> dict[str, str]:
-    """Variables every actor needs: storage credentials, and TensorFlow kept quiet."""
+    """Variables every actor needs: storage settings (endpoint, region, profile…) and
+    TensorFlow kept quiet. Never credentials: Ray writes these into its session logs;
+    they travel as `Credentials` in the actors' arguments instead."""
     from .storage import aws_env
 
     env = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
-    env.update(aws_env())
+    env.update(aws_env(secrets=False))
     env.update({k: v for k, v in os.environ.items() if k.startswith("BOTTLENECK_")})
     return env
+
+
+class Credentials:
+    """The driver's credential variables (AWS_SECRET_ACCESS_KEY…), carried to a worker as an
+    argument, which Ray does not log; its repr hides them."""
+
+    def __init__(self, values: dict[str, str] | None = None):
+        if values is None:
+            from .storage import credentials_env
+
+            values = credentials_env()
+        self.values = dict(values)
+
+    def restore(self) -> None:
+        """In the worker: set what this process lacks (the worker's own role wins)."""
+        from .storage import restore_env
+
+        restore_env(self.values)
+
+    def __repr__(self) -> str:
+        return f"Credentials({sorted(self.values)} hidden)"
 
 
 class ProgressTracker:

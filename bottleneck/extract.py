@@ -206,7 +206,7 @@ def run_extract(o: ExtractOptions, checked: CheckedExtract | None = None) -> Ext
     """
     import ray
 
-    from .distribute import ShardPool, choose_layout, cluster_size, connect, worker_env
+    from .distribute import Credentials, ShardPool, choose_layout, cluster_size, connect, worker_env
     from .progress import ProgressBar
 
     c = checked or check_extract(o)
@@ -226,7 +226,8 @@ def run_extract(o: ExtractOptions, checked: CheckedExtract | None = None) -> Ext
                 batch_size=o.batch_size, threads=layout.threads,
                 decode_threads=layout.decode_threads,
                 input_options=tuple(sorted(o.storage_options.items())),
-                output_options=tuple(sorted(o.storage_options.items())), xla=o.xla)
+                output_options=tuple(sorted(o.storage_options.items())), xla=o.xla,
+                credentials=Credentials())
             remote_cls = ray.remote(ExtractorActor).options(
                 num_cpus=layout.num_cpus, num_gpus=layout.num_gpus, max_restarts=0,
                 runtime_env={"env_vars": worker_env()})

@@ -38,6 +38,7 @@ class ExtractConfig:
     input_options: tuple[tuple[str, Any], ...] = ()
     output_options: tuple[tuple[str, Any], ...] = ()
     xla: bool = False
+    credentials: Any = None  # distribute.Credentials, restored in the worker
 
     @property
     def decode_options(self) -> DecodeOptions:
@@ -106,6 +107,8 @@ class Extractor:
     def __init__(self, config: ExtractConfig):
         from .model import BatchRunner, build_conv_base, configure_threads
 
+        if config.credentials is not None:
+            config.credentials.restore()
         configure_threads(config.threads)
         self.config = config
         self.source_options = dict(config.input_options)

@@ -8,6 +8,7 @@ rerun can tell that INPUT is still what OUTPUT was made from.
 from __future__ import annotations
 
 import hashlib
+import sys
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One input file: its fsspec path, the URL we report, and its label (or None)."""
 
@@ -24,7 +25,7 @@ class Entry:
     label: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Shard:
     index: int
     entries: tuple[Entry, ...]
@@ -62,7 +63,9 @@ def make_entries(root: str, paths: Iterable[str], to_url=lambda p: p) -> list[En
         rel = p[len(prefix):]
         if not rel or is_hidden(rel):
             continue
-        out.append(Entry(path=p, url=to_url(p), label=label_of(rel)))
+        label = label_of(rel)
+        # One string per distinct label, not one per file: a million entries share a few.
+        out.append(Entry(path=p, url=to_url(p), label=sys.intern(label) if label else None))
     out.sort(key=lambda e: e.path)
     return out
 

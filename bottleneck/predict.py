@@ -55,6 +55,7 @@ class PredictConfig:
     threads: int | None = None
     decode_threads: int = 2
     storage_options: tuple[tuple[str, Any], ...] = ()
+    credentials: Any = None  # distribute.Credentials, restored in the worker
 
 
 @dataclass
@@ -86,6 +87,8 @@ class Predictor:
         from .head import load_model
         from .model import BatchRunner, configure_threads
 
+        if config.credentials is not None:
+            config.credentials.restore()
         configure_threads(config.threads)
         self.config = config
         self.options = dict(config.storage_options)
@@ -204,7 +207,7 @@ class PredictSummary:
 def run_predict(o: PredictOptions) -> PredictSummary:
     import ray
 
-    from .distribute import ShardPool, choose_layout, cluster_size, connect, worker_env
+    from .distribute import Credentials, ShardPool, choose_layout, cluster_size, connect, worker_env
     from .progress import ProgressBar
     from .writer import write_errors
 
@@ -242,7 +245,8 @@ def run_predict(o: PredictOptions) -> PredictSummary:
         cpus, gpus = cluster_size()
         layout = choose_layout(cpus, gpus, o.actors, o.gpus_per_actor)
         config = PredictConfig(model_dir.url, o.batch_size, o.top_k, decode, layout.threads,
-                               layout.decode_threads, tuple(sorted(o.storage_options.items())))
+                               layout.decode_threads, tuple(sorted(o.storage_options.items())),
+                               Credentials())
         remote_cls = ray.remote(PredictorActor).options(
             num_cpus=layout.num_cpus, num_gpus=layout.num_gpus, max_restarts=0,
             runtime_env={"env_vars": worker_env()})

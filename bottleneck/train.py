@@ -278,15 +278,20 @@ def run_train(o: TrainOptions) -> dict[str, Any]:
     """Run `train_head` as one Ray task: on a GPU when the cluster has one, else on CPUs."""
     import ray
 
-    from .distribute import cluster_size, connect, worker_env
+    from .distribute import Credentials, cluster_size, connect, worker_env
 
     where = connect(o.address)
     cpus, gpus = cluster_size()
     _log(f"bottleneck train: on {where}, {'1 GPU' if gpus >= 1 else f'{cpus:g} CPUs'}")
-    task = ray.remote(train_head).options(
+    task = ray.remote(_train_task).options(
         num_gpus=1 if gpus >= 1 else 0, num_cpus=1 if gpus >= 1 else max(1, int(cpus)),
         max_retries=0, runtime_env={"env_vars": worker_env()})
-    return ray.get(task.remote(o))
+    return ray.get(task.remote(o, Credentials()))
+
+
+def _train_task(o: TrainOptions, credentials: Any) -> dict[str, Any]:
+    credentials.restore()
+    return train_head(o)
 
 
 def evaluate(model_dir: str, features: str, storage_options: dict[str, Any] | None = None

@@ -36,7 +36,8 @@ def ray_cluster():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="WARNING",
+    # address="local": a private cluster, even when RAY_ADDRESS or a `ray start` head exists.
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="WARNING",
              runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
     yield ray
     ray.shutdown()

@@ -73,9 +73,6 @@ def cases(d: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
     }
 
 
-# argparse rejects these itself: it prints its usage text first, as `bottleneck extract:`.
-ARGPARSE_CASES = {"bad-pooling", "bad-interpolation", "bad-storage-options-json",
-                  "storage-options-not-an-object"}
 NAMES = ["image-size-below-32", "zero-batch-size", "bad-pooling", "bad-interpolation",
          "bad-storage-options-json", "storage-options-not-an-object", "missing-input",
          "input-is-a-file", "unwritable-output", "output-inside-input", "missing-weights-file",
@@ -100,11 +97,7 @@ def test_usage_errors_exit_2_at_once_without_ray(data, name):
     assert not (data["input"] / "features").exists()
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(
-        strict=True, reason="cli.py leaves these to argparse, which prints its usage text "
-                            "and 'bottleneck extract: error:'")) if n in ARGPARSE_CASES else n
-    for n in NAMES])
+@pytest.mark.parametrize("name", NAMES)
 def test_usage_errors_are_one_bottleneck_error_line(data, name):
     args, needle = cases(data)[name]
     proc = bottleneck("extract", *args, "--address", "local")
