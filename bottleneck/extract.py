@@ -42,7 +42,7 @@ class ExtractOptions:
     gpus_per_actor: float | None = None
     threads: int | None = None
     address: str | None = None
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     overwrite: bool = False
     jpeg_draft: bool = False
     xla: bool = False
@@ -150,7 +150,7 @@ def check_extract(o: ExtractOptions) -> CheckedExtract:
         raise UsageError(f"INPUT does not exist: {source.url}")
     if not source.fs.isdir(source.root):
         raise UsageError(f"INPUT must be a folder or bucket prefix: {source.url}")
-    if out.is_local and source.is_local and (out.root + "/").startswith(source.root + "/"):
+    if out.protocol == source.protocol and (out.root + "/").startswith(source.root + "/"):
         raise UsageError(f"OUTPUT {out.url} must not be inside INPUT {source.url}")
     try:
         weights = resolve_weights(o.weights, o.storage_options)

@@ -35,8 +35,9 @@ class ExtractConfig:
     batch_size: int = 32
     threads: int | None = None  # TensorFlow intra-op threads; None: TensorFlow's default
     decode_threads: int = 2
-    input_options: tuple[tuple[str, Any], ...] = ()
-    output_options: tuple[tuple[str, Any], ...] = ()
+    # repr=False: storage options may hold secrets, and reprs end up in logs.
+    input_options: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
+    output_options: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
     xla: bool = False
     credentials: Any = None  # distribute.Credentials, restored in the worker
 

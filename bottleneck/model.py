@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,7 +41,7 @@ class WeightsSpec:
     identity: str
     seed: int = DEFAULT_SEED
     url: str | None = None
-    storage_options: tuple[tuple[str, Any], ...] = ()
+    storage_options: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
     file_format: str = ""  # for files: "legacy" (keras-applications .h5) or "keras" (.weights.h5)
 
 

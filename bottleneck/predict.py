@@ -41,7 +41,7 @@ class PredictOptions:
     actors: int | None = None
     gpus_per_actor: float | None = None
     address: str | None = None
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     max_attempts: int = 3
     progress: bool = True
 
@@ -54,7 +54,7 @@ class PredictConfig:
     decode: DecodeOptions
     threads: int | None = None
     decode_threads: int = 2
-    storage_options: tuple[tuple[str, Any], ...] = ()
+    storage_options: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
     credentials: Any = None  # distribute.Credentials, restored in the worker
 
 

@@ -44,7 +44,7 @@ class TrainOptions:
     head: HeadConfig = field(default_factory=HeadConfig)
     shuffle_buffer: int = 1024
     weights: str | None = None  # the weights file, when the features were made from one
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     address: str | None = None
     verbose: int = 2
 

@@ -332,10 +332,6 @@ def test_cli_keeps_secrets_out_of_logs_progress_metadata_and_markers(cli_run):
     assert not _grep_tree(cli_run.ray_tmp, needles[1:])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Ray writes a runtime env's env_vars into runtime_env_agent.log, and worker_env() puts "
-    "AWS_SECRET_ACCESS_KEY there; credentials must travel as actor arguments instead "
-    "(storage.aws_env(secrets=False) + credentials_env()/restore_env)"))
 def test_env_credentials_stay_out_of_ray_session_logs(cli_run):
     assert cli_run.proc.returncode == 0
     assert not _grep_tree(cli_run.ray_tmp, cli_run.needles[:1])
