@@ -181,17 +181,21 @@ class ExtractorActor(Extractor):
     def __init__(self, config: ExtractConfig, tracker: Any):
         super().__init__(config)
         self.tracker = tracker
-        self.warm_up()
         self.crash_shards = {int(i) for i in os.environ.get(CRASH_SHARDS_ENV, "").split(",") if i}
 
     def process_shard(self, shard: Any, labels: tuple[str, ...] = (),
                       progress: Any = None) -> ShardResult:
+        import ray
+
         if shard.index in self.crash_shards:
             os._exit(1)
 
         def report(index: int, done: int, errors: int) -> None:
             self.tracker.update.remote(index, done, errors)
-        return super().process_shard(shard, labels, report)
+        result = super().process_shard(shard, labels, report)
+        result.worker = ray.get_runtime_context().get_actor_id() or ""
+        result.gpu_ids = tuple(str(g) for g in ray.get_gpu_ids())
+        return result
 
 
 def _log(msg: str) -> None:

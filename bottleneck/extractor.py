@@ -128,11 +128,6 @@ class Extractor:
             self._readers[proto] = Storage(url, self.source_options)
         return self._readers[proto].read_bytes
 
-    def warm_up(self) -> None:
-        """Trace the model once, so the first shard runs at full speed."""
-        s = self.config.settings.image_size
-        self.run_model(np.zeros((1, s, s, 3), np.float32))
-
     def schema(self, labels: tuple[str, ...]) -> Any:
         if labels not in self._schemas:
             self._schemas[labels] = feature_schema(DatasetMetadata(self.config.settings, list(labels)))
