@@ -183,8 +183,6 @@ class ShardPool:
         attempts: dict[int, int] = {}
         idle = list(range(len(self.actors)))
         in_flight: dict[Any, tuple[int, Shard]] = {}
-        finished_done = finished_errors = 0
-        live: dict[int, tuple[int, int]] = {}
         last_poll = 0.0
         while queue or in_flight:
             while queue and idle:
@@ -202,21 +200,19 @@ class ShardPool:
                     self._replace(slot)
                     out.actors_replaced += 1
                     self._retry_or_fail(shard, attempts, queue, out, e)
-                except ray.exceptions.RayTaskError as e:
+                except ray.exceptions.RayError as e:  # the task raised, or its object was lost
                     self._retry_or_fail(shard, attempts, queue, out, e)
                 else:
                     out.results.append(result)
-                    finished_done += result.rows + result.errors
-                    finished_errors += result.errors
+                    # The final count, from the result itself (the actor's last report may lag).
+                    self.tracker.update.remote(shard.index, result.rows + result.errors,
+                                               result.errors)
                     if on_result:
                         on_result(result)
-                live.pop(shard.index, None)
                 idle.append(slot)
             if on_progress and time.monotonic() - last_poll > 0.5:
                 last_poll = time.monotonic()
-                snap = ray.get(self.tracker.snapshot.remote())
-                done, errors = snap
-                on_progress(done, errors)
+                on_progress(*ray.get(self.tracker.snapshot.remote()))
         if on_progress:
             on_progress(*ray.get(self.tracker.snapshot.remote()))
         return out
