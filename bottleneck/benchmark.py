@@ -27,12 +27,12 @@ from .images import DecodeOptions, decode_image
 
 
 def conv_base_limit(weights: str, image_size: int, batch_size: int, threads: int | None,
-                    seconds: float = 20.0, xla: bool = False) -> float:
+                    seconds: float = 20.0, xla: bool = False, precision: str = "float32") -> float:
     """img/s of the conv base alone on in-memory batches (after one warm-up call)."""
     from .model import BatchRunner, build_conv_base, configure_threads, resolve_weights
 
     configure_threads(threads)
-    model = build_conv_base(resolve_weights(weights), image_size)
+    model = build_conv_base(resolve_weights(weights), image_size, precision=precision)
     run = BatchRunner(model, batch_size, xla=xla)
     x = np.random.default_rng(0).uniform(-120, 130, (batch_size, image_size, image_size, 3))
     x = x.astype(np.float32)
@@ -76,7 +76,7 @@ RAY_DATA_SCRIPT = r'''
 import sys, time, os
 t0 = time.perf_counter()
 import numpy as np, ray
-src, dst, weights, size, batch, cpus = sys.argv[1:7]
+src, dst, weights, size, batch, cpus, precision = sys.argv[1:8]
 size, batch, cpus = int(size), int(batch), int(cpus)
 ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
 
@@ -84,7 +84,8 @@ class Vgg:
     def __init__(self):
         from bottleneck.model import BatchRunner, build_conv_base, configure_threads, resolve_weights
         configure_threads(cpus)
-        self.run = BatchRunner(build_conv_base(resolve_weights(weights), size), batch)
+        self.run = BatchRunner(build_conv_base(resolve_weights(weights), size,
+                                               precision=precision), batch)
     def __call__(self, b):
         from bottleneck.images import preprocess
         x = preprocess(np.asarray(b["image"], dtype=np.float32))
@@ -110,13 +111,13 @@ def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
 def run_benchmark(images: str | None, count: int = 1024, image_size: int = 224,
                   weights: str = "random", batch_size: int = 32, limit_seconds: float = 30.0,
                   ray_data: bool = True, extra_args: list[str] | None = None,
-                  workdir: str | None = None) -> dict[str, Any]:
+                  workdir: str | None = None, precision: str = "float32") -> dict[str, Any]:
     from .demo_data import write_photos
     from .distribute import choose_layout
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", RAY_ADDRESS="")
     env.pop("RAY_ADDRESS")
-    res: dict[str, Any] = {}
+    res: dict[str, Any] = {"precision": precision}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         if images is None:
             images = f"{tmp}/images"
@@ -133,7 +134,8 @@ def run_benchmark(images: str | None, count: int = 1024, image_size: int = 224,
         # 2. The whole command, as a user runs it (a fresh process starts its own Ray).
         cmd = [sys.executable, "-m", "bottleneck", "extract", images, f"{tmp}/out",
                "--weights", weights, "--image-size", str(image_size), "--batch-size",
-               str(batch_size), "--address", "local", "--no-progress", *(extra_args or [])]
+               str(batch_size), "--address", "local", "--no-progress", "--precision", precision,
+               *(extra_args or [])]
         secs, _ = _run(cmd, env)
         done = json.loads(Path(tmp, "out", "_SUCCESS.json").read_text())
         res["extract_img_s"] = n / secs
@@ -154,7 +156,7 @@ def run_benchmark(images: str | None, count: int = 1024, image_size: int = 224,
             task = ray.remote(conv_base_limit).options(num_cpus=layout.num_cpus,
                                                        num_gpus=layout.num_gpus)
             per_actor = ray.get(task.remote(weights, image_size, batch_size, layout.threads,
-                                            limit_seconds))
+                                            limit_seconds, False, precision))
         finally:
             ray.shutdown()
         res["limit_img_s"] = per_actor * layout.actors
@@ -166,7 +168,7 @@ def run_benchmark(images: str | None, count: int = 1024, image_size: int = 224,
             script = Path(tmp, "raydata.py")
             script.write_text(RAY_DATA_SCRIPT)
             secs, _ = _run([sys.executable, str(script), images, f"{tmp}/raydata", weights,
-                            str(image_size), str(batch_size), str(cpus)], env)
+                            str(image_size), str(batch_size), str(cpus), precision], env)
             res["ray_data_img_s"] = n / secs
             print(f"Ray Data pipeline (whole process): {res['ray_data_img_s']:.2f} img/s "
                   f"({secs:.1f}s)", flush=True)

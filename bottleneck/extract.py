@@ -45,6 +45,7 @@ class ExtractOptions:
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     overwrite: bool = False
     jpeg_draft: bool = False
+    precision: str = "float32"
     xla: bool = False
     max_attempts: int = 3
     progress: bool = True
@@ -163,7 +164,7 @@ def check_extract(o: ExtractOptions) -> CheckedExtract:
         raise UsageError(f"OUTPUT is not writable: {out.url}: {e}") from None
     settings = FeatureSettings(weights=weights.identity, image_size=o.image_size,
                                interpolation=o.interpolation, pooling=o.pooling, dtype=o.dtype,
-                               jpeg_draft=o.jpeg_draft)
+                               jpeg_draft=o.jpeg_draft, precision=o.precision)
     if not o.overwrite:  # OutputConflict now, not after Ray has started
         check_resumable(out, "features", settings.to_dict(), source.url, o.shard_size)
     return CheckedExtract(o, source, out, weights, settings)

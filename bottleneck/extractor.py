@@ -115,7 +115,8 @@ class Extractor:
         self.source_options = dict(config.input_options)
         self.out = Storage(config.output_url, dict(config.output_options))
         self._schemas: dict[tuple[str, ...], Any] = {}
-        model = build_conv_base(config.weights, config.settings.image_size, config.settings.pooling)
+        model = build_conv_base(config.weights, config.settings.image_size, config.settings.pooling,
+                                config.settings.precision)
         self.run_model = BatchRunner(model, config.batch_size, xla=config.xla)
         self.np_dtype = np.dtype(config.settings.dtype)
         self.pool = ThreadPoolExecutor(max(1, config.decode_threads), thread_name_prefix="decode")

@@ -160,17 +160,33 @@ def random_conv_weights(model: Any, seed: int) -> None:
         ])
 
 
-def build_conv_base(spec: WeightsSpec, image_size: int, pooling: str = "none") -> Any:
-    """keras.applications.VGG16(include_top=False) with the weights `spec` names."""
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+
+
+def build_conv_base(spec: WeightsSpec, image_size: int, pooling: str = "none",
+                    precision: str = "float32") -> Any:
+    """keras.applications.VGG16(include_top=False) with the weights `spec` names.
+
+    `precision` is a Keras dtype policy: "float32", or a mixed policy that keeps float32
+    weights and computes in bfloat16/float16 (faster on GPUs, and on CPUs with AMX; the
+    features then differ from float32 ones — see the README for how much).
+    """
     import keras
 
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     pool = None if pooling == "none" else pooling
     shape = (image_size, image_size, 3)
-    if spec.kind == "imagenet":
-        return keras.applications.VGG16(include_top=False, weights="imagenet",
-                                        input_shape=shape, pooling=pool)
-    model = keras.applications.VGG16(include_top=False, weights=None, input_shape=shape,
-                                     pooling=pool)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(precision)
+    try:
+        if spec.kind == "imagenet":
+            return keras.applications.VGG16(include_top=False, weights="imagenet",
+                                            input_shape=shape, pooling=pool)
+        model = keras.applications.VGG16(include_top=False, weights=None, input_shape=shape,
+                                         pooling=pool)
+    finally:
+        keras.config.set_dtype_policy(previous)
     if spec.kind == "random":
         random_conv_weights(model, spec.seed)
     else:
@@ -204,7 +220,8 @@ class BatchRunner:
         self.batch_size = batch_size
         in_shape = tuple(model.inputs[0].shape[1:])
         self._fn = tf.function(
-            lambda x: model(x, training=False),
+            # float32 out, whatever the compute precision inside.
+            lambda x: tf.cast(model(x, training=False), tf.float32),
             input_signature=[tf.TensorSpec((batch_size, *in_shape), tf.float32)],
             jit_compile=xla,
         )

@@ -43,6 +43,7 @@ class FeatureSettings:
     pooling: str = "none"
     dtype: str = "float32"
     jpeg_draft: bool = False
+    precision: str = "float32"  # Keras dtype policy of the conv base
     model: str = MODEL_NAME
     preprocessing: str = PREPROCESSING
 

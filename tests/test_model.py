@@ -205,3 +205,21 @@ def test_batch_runner_pads_the_last_batch_and_drops_the_padding(random_model, ba
     got = np.concatenate([run(batch[:2]), run(batch[2:])])
     assert got.shape == whole.shape
     np.testing.assert_allclose(got, whole, rtol=1e-5, atol=1e-5 * np.abs(whole).max())
+
+
+def test_mixed_precision_conv_base_is_close_to_float32_and_returns_float32():
+    import numpy as np
+
+    from bottleneck.model import BatchRunner, build_conv_base, resolve_weights
+
+    spec = resolve_weights("random:3")
+    x = np.random.default_rng(1).uniform(-120, 130, (4, 32, 32, 3)).astype(np.float32)
+    ref = BatchRunner(build_conv_base(spec, 32), 4)(x)
+    for policy, bound in (("mixed_bfloat16", 0.05), ("mixed_float16", 0.01)):
+        out = BatchRunner(build_conv_base(spec, 32, precision=policy), 4)(x)
+        assert out.dtype == np.float32
+        rel = np.abs(out - ref).max() / np.abs(ref).max()
+        assert 0 < rel < bound, (policy, rel)  # close, and really computed another way
+    import keras
+
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
