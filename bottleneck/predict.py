@@ -304,6 +304,7 @@ def _assemble(output: str, staged: Storage, n_shards: int, options: dict[str, An
                      schema=ERRORS_SCHEMA)
         with parent.open_atomic(name.removesuffix(".parquet") + ".errors.parquet") as f:
             pq.write_table(t, f)
+    staged.rm(recursive=True)
     parent.rm("_tmp", recursive=True)
     return rows
 

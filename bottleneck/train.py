@@ -265,7 +265,7 @@ def train_head(o: TrainOptions) -> dict[str, Any]:
     out.write_json_atomic(history, "history.json")
     out.write_json_atomic(metrics, "metrics.json")
     out.write_json_atomic({"settings": settings.to_dict(), "features": train.url,
-                           "head": asdict(h), "leak": dict(os.environ).get("AWS_SECRET_ACCESS_KEY"), "shuffle_buffer": o.shuffle_buffer}, "features.json")
+                           "head": asdict(h), "shuffle_buffer": o.shuffle_buffer}, "features.json")
     out.write_bytes_atomic(training_plot(history), "training.png")
     if cm is not None:
         out.write_bytes_atomic(confusion_plot(cm, classes), "confusion.png")
