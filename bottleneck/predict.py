@@ -305,8 +305,19 @@ def _assemble(output: str, staged: Storage, n_shards: int, options: dict[str, An
         with parent.open_atomic(name.removesuffix(".parquet") + ".errors.parquet") as f:
             pq.write_table(t, f)
     staged.rm(recursive=True)
-    parent.rm("_tmp", recursive=True)
+    _remove_empty_spool(parent)
     return rows
+
+
+def _remove_empty_spool(parent: Storage) -> None:
+    """On a local disk, open_atomic leaves an empty `_tmp/` folder beside OUTPUT: remove it
+    only when empty, since a `_tmp/` there may be the user's own. Buckets have no folders,
+    and open_atomic already removed its own objects."""
+    if parent.is_local:
+        try:
+            os.rmdir(parent.path("_tmp"))
+        except OSError:  # absent, or not empty: not ours to remove
+            pass
 
 
 def format_table(table: Any, limit: int = 50) -> str:
