@@ -347,9 +347,14 @@ def new_bucket(server: S3Server, prefix: str = "bn") -> S3Bucket:
 def s3(s3_server, monkeypatch, tmp_path):
     """A fresh bucket; the AWS variables point at the proxy; the proxy's log and faults
     are cleared."""
+    import s3fs
+
     s3_server.proxy.reset()
     isolate_from_aws(monkeypatch, tmp_path)
     for k, v in aws_environ(s3_server.proxy.url).items():
         monkeypatch.setenv(k, v)
+    # fsspec caches filesystems by their arguments, not by the environment: one made for
+    # another test module's server would still be handed out here.
+    s3fs.S3FileSystem.clear_instance_cache()
     yield new_bucket(s3_server)
     s3_server.proxy.reset()
