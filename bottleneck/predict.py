@@ -181,6 +181,9 @@ def check_predict(o: PredictOptions) -> tuple[Storage, Storage, list[str], dict[
         if not o.output.endswith(".parquet"):
             raise PredictUsageError(f"--output must name a .parquet file, not {o.output}")
         parent, _, _ = _staging(o.output, o.storage_options)
+        if parent.protocol == source.protocol and (parent.root + "/").startswith(source.root + "/"):
+            # A rerun would list the output and its staging folder as images.
+            raise PredictUsageError(f"--output {o.output} must not be inside INPUT {source.url}")
         try:
             parent.check_writable()
         except Exception as e:  # noqa: BLE001

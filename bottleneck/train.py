@@ -257,7 +257,8 @@ def train_head(o: TrainOptions) -> dict[str, Any]:
 
     out = Storage(o.model_dir, o.storage_options)
     out.makedirs()
-    conv_base = build_conv_base(weights, settings.image_size, settings.pooling)
+    conv_base = build_conv_base(weights, settings.image_size, settings.pooling,
+                                settings.precision)
     classifier = build_classifier(conv_base, model, settings.image_size, classes)
     _save_model(model, out, "head.keras")
     _save_model(classifier, out, "classifier.keras")

@@ -201,3 +201,12 @@ def test_cli_train_error_paths(tmp_path, digits):
     r = run(str(digits / "features"), str(tmp_path / "m"), "--validation", "x",
             "--validation-split", "0.1")
     assert r.returncode == 2 and "not allowed with" in r.stderr
+
+
+def test_predict_output_inside_input_is_refused(digits, trained):
+    from bottleneck.predict import PredictOptions, PredictUsageError, check_predict
+
+    model_dir, _ = trained
+    with pytest.raises(PredictUsageError, match="must not be inside INPUT"):
+        check_predict(PredictOptions(str(model_dir), str(digits / "new"),
+                                     output=str(digits / "new" / "3" / "p.parquet")))
