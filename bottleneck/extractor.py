@@ -102,6 +102,40 @@ def batched_pixels(stream: Iterator[tuple[Entry, np.ndarray | None, str | None]]
         yield entries, np.stack(arrays)
 
 
+class ShardImages:
+    """Read → decode → batch, ahead of the model: the one image path of extract and predict.
+
+    Holds the decode thread pool and one fsspec filesystem per input protocol, reused
+    across shards.
+    """
+
+    def __init__(self, storage_options: dict[str, Any], decode: DecodeOptions, batch_size: int,
+                 decode_threads: int = 2):
+        self.options = storage_options
+        self.decode = decode
+        self.batch_size = batch_size
+        self.pool = ThreadPoolExecutor(max(1, decode_threads), thread_name_prefix="decode")
+        self._readers: dict[str, Storage] = {}
+
+    def _reader(self, url: str) -> Callable[[str], bytes]:
+        proto = url.split("://", 1)[0] if "://" in url else "file"
+        if proto not in self._readers:
+            self._readers[proto] = Storage(url, self.options)
+        return self._readers[proto].read_bytes
+
+    def batches(self, entries: tuple[Entry, ...], on_error: Callable[[Entry, str], None]
+                ) -> Iterator[tuple[list[Entry], np.ndarray]]:
+        """(entries, (n, S, S, 3) float32 RGB 0–255) batches; failures go to `on_error`."""
+        if not entries:
+            return iter(())
+        stream = decode_stream(entries, self._reader(entries[0].url), self.decode, self.pool,
+                               lookahead=2 * self.batch_size)
+        return batched_pixels(stream, self.batch_size, on_error)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
 class Extractor:
     """Holds one VGG16 conv base; turns shards into committed Parquet part files."""
 
@@ -112,22 +146,14 @@ class Extractor:
             config.credentials.restore()
         configure_threads(config.threads)
         self.config = config
-        self.source_options = dict(config.input_options)
+        self.images = ShardImages(dict(config.input_options), config.decode_options,
+                                  config.batch_size, config.decode_threads)
         self.out = Storage(config.output_url, dict(config.output_options))
         self._schemas: dict[tuple[str, ...], Any] = {}
         model = build_conv_base(config.weights, config.settings.image_size, config.settings.pooling,
                                 config.settings.precision)
         self.run_model = BatchRunner(model, config.batch_size, xla=config.xla)
         self.np_dtype = np.dtype(config.settings.dtype)
-        self.pool = ThreadPoolExecutor(max(1, config.decode_threads), thread_name_prefix="decode")
-        self._readers: dict[str, Storage] = {}
-
-    def _reader(self, url: str) -> Callable[[str], bytes]:
-        """One fsspec filesystem per input protocol, reused across shards."""
-        proto = url.split("://", 1)[0] if "://" in url else "file"
-        if proto not in self._readers:
-            self._readers[proto] = Storage(url, self.source_options)
-        return self._readers[proto].read_bytes
 
     def schema(self, labels: tuple[str, ...]) -> Any:
         if labels not in self._schemas:
@@ -141,26 +167,18 @@ class Extractor:
 
         t0 = time.perf_counter()
         infer = 0.0
-        done = 0
-        if not shard.entries:
-            read = None
-        else:
-            read = self._reader(shard.entries[0].url)
         with ShardWriter(self.out, self.schema(tuple(labels)), shard.index) as writer:
             def on_error(e: Entry, reason: str) -> None:
                 writer.add_error(e.url, reason)
 
-            stream = decode_stream(shard.entries, read, self.config.decode_options, self.pool,
-                                   lookahead=2 * self.config.batch_size) if read else iter(())
-            for entries, pixels in batched_pixels(stream, self.config.batch_size, on_error):
+            for entries, pixels in self.images.batches(shard.entries, on_error):
                 t = time.perf_counter()
                 feats = self.run_model(preprocess(pixels))
                 infer += time.perf_counter() - t
                 feats = feats.reshape(len(entries), -1).astype(self.np_dtype, copy=False)
                 writer.write_batch([e.url for e in entries], [e.label for e in entries], feats)
-                done = writer.rows + len(writer.errors)
                 if progress:
-                    progress(shard.index, done, len(writer.errors))
+                    progress(shard.index, writer.rows + len(writer.errors), len(writer.errors))
         total = time.perf_counter() - t0
         if progress:
             progress(shard.index, writer.rows + len(writer.errors), len(writer.errors))
@@ -168,4 +186,4 @@ class Extractor:
                            {"total": total, "inference": infer})
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.images.close()

@@ -1,7 +1,6 @@
 """Classify new images with MODEL_DIR/classifier.keras on Ray actors.
 
-Reading, decoding and error handling are extract's own (`extractor.decode_stream` and
-`batched_pixels`), so a file that extract reports as unreadable is reported here too.
+Reading, decoding and error handling are extract's own (`extractor.ShardImages`), so a file that extract reports as unreadable is reported here too.
 With --output, each finished shard is committed to a staging folder beside the output
 (`_<name>.parts/`), so a killed run resumes; the final file is assembled from them at the end.
 """
@@ -20,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .extractor import batched_pixels, decode_stream
+from .extractor import ShardImages
 from .images import DecodeOptions
 from .planning import Entry, Shard, committed_shards, make_entries, part_name, plan_remaining, plan_shards
 from .storage import Storage, with_retries
@@ -100,14 +99,8 @@ class Predictor:
                 f.write(store.read_bytes(store.path("classifier.keras")))
             model = load_model(local)
         self.run_model = BatchRunner(model, config.batch_size)
-        self.pool = ThreadPoolExecutor(max(1, config.decode_threads), thread_name_prefix="decode")
-        self._readers: dict[str, Storage] = {}
-
-    def _reader(self, url: str) -> Any:
-        proto = url.split("://", 1)[0] if "://" in url else "file"
-        if proto not in self._readers:
-            self._readers[proto] = Storage(url, self.options)
-        return self._readers[proto].read_bytes
+        self.images = ShardImages(self.options, config.decode, config.batch_size,
+                                  config.decode_threads)
 
     def process_shard(self, shard: Shard, progress: Any = None) -> PredictResult:
         k = min(self.config.top_k, len(self.classes))
@@ -117,9 +110,7 @@ class Predictor:
         def on_error(e: Entry, reason: str) -> None:
             errors.append((e.url, reason))
 
-        stream = decode_stream(shard.entries, self._reader(shard.entries[0].url),
-                               self.config.decode, self.pool, 2 * self.config.batch_size)
-        for entries, pixels in batched_pixels(stream, self.config.batch_size, on_error):
+        for entries, pixels in self.images.batches(shard.entries, on_error):
             probs = self.run_model(pixels)
             order = np.argsort(-probs, axis=1)[:, :k]
             cols["path"] += [e.url for e in entries]
