@@ -87,6 +87,7 @@ def test_killed_actor_mid_shard_is_replaced_and_its_shard_retried(images, tmp_pa
         v.send_signal(signal.SIGKILL)
     t.join(timeout=600)
     s = result["summary"]
+    print(f"\n[killed actor] {len(victims)} worker(s) killed; " + "; ".join(s.lines()))
     assert s.ok, s.lines()
     assert s.retries >= 1
     paths = all_paths(out)
@@ -157,6 +158,8 @@ def test_killed_job_resumes_without_rewriting_or_duplicating(images, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     after = parts(out)
+    print(f"\n[killed job] {len(before)} of 11 shards committed before the kill; rerun: "
+          + r.stdout.replace("\n", "; "))
     assert {k: after[k] for k in before} == before  # committed before the kill: not rewritten
     assert len(after) == 11
     paths = all_paths(out)
@@ -194,6 +197,8 @@ def test_killed_predict_resumes(tmp_path, images):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     t = pq.read_table(output)
+    print(f"\n[killed predict] {len(staged_before)} of 11 shards staged before the kill; "
+          f"{t.num_rows} rows, {t.num_rows - len(set(t.column('path').to_pylist()))} duplicates")
     paths = t.column("path").to_pylist()
     assert len(paths) == len(set(paths)) == 60
     errs = pq.read_table(tmp_path / "pred.errors.parquet").column("path").to_pylist()
