@@ -73,14 +73,20 @@ class ExtractSummary:
     def timing(self) -> dict[str, float | None]:
         """Whole-run and steady-state rates of the shards run now.
 
-        Steady state: images over the time actors spent inside shards (start-up, Ray and
-        model loading excluded), summed over actors running side by side.
+        Steady state: images over the time actors spent inside shards, leaving out each
+        actor's first shard (it traces the graph and fills the decode pipeline) when that
+        actor ran more than one, summed over actors running side by side.
         """
         images = sum(r.rows + r.errors for r in self.results)
-        busy: dict[str, float] = {}
-        for r in self.results:
-            busy[r.worker] = busy.get(r.worker, 0.0) + r.seconds.get("total", 0.0)
-        steady = sum(images_of(self.results, w) / t for w, t in busy.items() if t > 0) or None
+        by_worker: dict[str, list[ShardResult]] = {}
+        for r in self.results:  # in completion order: an actor's first shard comes first
+            by_worker.setdefault(r.worker, []).append(r)
+        steady = 0.0
+        for runs in by_worker.values():
+            warm = runs[1:] or runs
+            busy = sum(r.seconds.get("total", 0.0) for r in warm)
+            if busy > 0:
+                steady += sum(r.rows + r.errors for r in warm) / busy
         return {"seconds": round(self.seconds, 3), "images_this_run": images,
                 "img_per_s": round(images / self.seconds, 3) if images else None,
                 "steady_img_per_s": round(steady, 3) if steady else None}
@@ -102,10 +108,6 @@ class ExtractSummary:
                        "same command to retry them:")
             out += [f"  {part_name(i)}: {err}" for i, err in sorted(self.failed.items())]
         return out
-
-
-def images_of(results: list[ShardResult], worker: str) -> int:
-    return sum(r.rows + r.errors for r in results if r.worker == worker)
 
 
 @dataclass
