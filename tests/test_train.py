@@ -24,8 +24,8 @@ pytestmark = pytest.mark.ray
 SIZE = 32
 PER_CLASS = 40
 HELD_OUT = 8
-# Measured with these settings (seed 0): 0.94 validation, 0.95 held-out via predict. The
-# floors leave room for thread-order noise, and sit far above chance (0.10).
+# The floors sit far above chance (0.10) and below what these settings reach (the tests
+# print it: see the closing note of the first submission), leaving room for thread-order noise.
 VAL_ACCURACY_FLOOR = 0.85
 PREDICT_ACCURACY_FLOOR = 0.85
 
@@ -56,6 +56,8 @@ def trained(digits):
 
 def test_head_learns_real_digits(trained):
     model_dir, metrics = trained
+    print(f"\n[train] val_accuracy {metrics['val_accuracy']:.3f} on {metrics['validation_rows']} "
+          f"held-out rows; {metrics['train_rows_per_second']} rows/s")
     assert metrics["val_accuracy"] >= VAL_ACCURACY_FLOOR, metrics["val_accuracy"]
     saved = json.loads((model_dir / "metrics.json").read_text())
     assert saved["val_accuracy"] == metrics["val_accuracy"]
@@ -130,6 +132,7 @@ def test_predict_end_to_end(digits, trained, ray_cluster):
     assert t.num_rows == 10 * HELD_OUT and len(set(t.column("path").to_pylist())) == t.num_rows
     truth = [Path(p).parent.name for p in t.column("path").to_pylist()]
     acc = np.mean([a == b for a, b in zip(truth, t.column("prediction").to_pylist())])
+    print(f"\n[predict] accuracy {acc:.3f} on {t.num_rows} unseen images")
     assert acc >= PREDICT_ACCURACY_FLOOR, acc
     assert (out.parent / "predictions.errors.parquet").exists()
     assert not list(out.parent.glob("_predictions.parquet.parts"))
