@@ -17,7 +17,7 @@ from .extractor import ExtractConfig, Extractor, ShardResult
 from .images import DecodeOptions
 from .listing import list_inputs
 from .manifest import SUCCESS, Manifest, OutputLock, check_resumable, prepare_output
-from .model import WeightsSpec, resolve_weights
+from .model import PRECISIONS, WeightsSpec, resolve_weights
 from .planning import committed_shards, labels_of, listing_digest, part_name, plan_remaining, plan_shards
 from .schema import DTYPES, POOLINGS, FeatureSettings
 from .storage import Storage, redact
@@ -136,6 +136,8 @@ def check_extract(o: ExtractOptions) -> CheckedExtract:
         raise UsageError(f"--pooling must be one of {', '.join(POOLINGS)}, not {o.pooling!r}")
     if o.dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {o.dtype!r}")
+    if o.precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, not {o.precision!r}")
     try:
         DecodeOptions(o.image_size, o.interpolation)
     except ValueError as e:
