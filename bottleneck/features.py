@@ -52,10 +52,12 @@ class FeatureDataset:
         if not names:
             raise FeatureDataError(f"no bottleneck features (part-*.parquet) in {self.url}")
         self.row_groups: list[RowGroupRef] = []
+        self._footers: dict[str, pq.FileMetaData] = {}
         metas: list[tuple[str, DatasetMetadata]] = []
         for n in names:
             path = self.store.path(n)
-            md = self._parquet(path).metadata
+            md = self._footer(path)
+            self._footers[path] = md
             try:
                 metas.append((n, read_metadata(md.schema.to_arrow_schema())))
             except ValueError as e:
@@ -76,11 +78,19 @@ class FeatureDataset:
     def settings(self) -> FeatureSettings:
         return self.metadata.settings
 
-    def _parquet(self, path: str) -> pq.ParquetFile:
-        return with_retries(lambda: pq.ParquetFile(self.store.fs.open(path, "rb")))
+    def _footer(self, path: str) -> pq.FileMetaData:
+        def read() -> pq.FileMetaData:
+            with self.store.fs.open(path, "rb") as f:
+                return pq.ParquetFile(f).metadata
+        return with_retries(read)
 
     def read_row_group(self, ref: RowGroupRef, columns: list[str]) -> pa.Table:
-        return with_retries(lambda: self._parquet(ref.path).read_row_group(ref.index, columns=columns))
+        """One row group, reusing the footer read when the dataset was opened."""
+        def read() -> pa.Table:
+            with self.store.fs.open(ref.path, "rb") as f:
+                pf = pq.ParquetFile(f, metadata=self._footers[ref.path])
+                return pf.read_row_group(ref.index, columns=columns)
+        return with_retries(read)
 
     def check_compatible(self, other: "FeatureDataset", what: str = "validation") -> None:
         diffs = other.settings.differences(self.settings)
@@ -116,14 +126,15 @@ class FeatureDataset:
         buf_y: list[np.ndarray] = []
         held = 0
 
-        def drain(keep: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-            """Emit whole batches until about `keep` rows are left (all of them when 0)."""
+        def drain(keep: int, final: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            """Emit whole batches until about `keep` rows are left; at the end, everything
+            (so a pass yields exactly ceil(rows / batch_size) batches)."""
             nonlocal buf_x, buf_y, held
             x, y = np.concatenate(buf_x), np.concatenate(buf_y)
             if shuffle_buffer:
                 perm = rng.permutation(len(x))
                 x, y = x[perm], y[perm]
-            n_emit = len(x) if keep == 0 else (len(x) - keep) // batch_size * batch_size
+            n_emit = len(x) if final else max(len(x) - keep, 0) // batch_size * batch_size
             for s in range(0, n_emit, batch_size):
                 yield x[s:min(s + batch_size, n_emit)], y[s:min(s + batch_size, n_emit)]
             buf_x, buf_y = [x[n_emit:]], [y[n_emit:]]
@@ -150,7 +161,7 @@ class FeatureDataset:
             if held >= max(shuffle_buffer, batch_size):
                 yield from drain(keep=shuffle_buffer // 2)
         if held:
-            yield from drain(keep=0)
+            yield from drain(keep=0, final=True)
 
 
 def _features_matrix(col: pa.ChunkedArray) -> np.ndarray:

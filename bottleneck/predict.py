@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 
 from .extractor import ShardImages
 from .images import DecodeOptions
-from .planning import Entry, Shard, committed_shards, make_entries, part_name, plan_remaining, plan_shards
+from .planning import (Entry, Shard, committed_shards, listing_digest, make_entries, part_name,
+                       plan_remaining, plan_shards)
 from .storage import Storage, with_retries
 
 
@@ -203,7 +204,7 @@ def run_predict(o: PredictOptions) -> PredictSummary:
 
     from .distribute import Credentials, ShardPool, choose_layout, cluster_size, connect, worker_env
     from .progress import ProgressBar
-    from .writer import write_errors
+    from .writer import ERRORS_DIR, write_errors
 
     t0 = time.perf_counter()
     model_dir, source, classes, settings = check_predict(o)
@@ -217,7 +218,9 @@ def run_predict(o: PredictOptions) -> PredictSummary:
     staged: Storage | None = None
     if o.output:
         _, staged, _ = _staging(o.output, o.storage_options)
-        staged.makedirs()
+        _prepare_staging(staged, {"input": source.url, "listing_sha256": listing_digest(entries),
+                                  "shard_size": o.shard_size, "top_k": o.top_k,
+                                  "model_dir": model_dir.url})
     done = committed_shards(staged.ls_names()) if staged else set()
     todo = plan_remaining(shards, done)
     decode = DecodeOptions(settings["image_size"], settings["interpolation"],
@@ -229,6 +232,8 @@ def run_predict(o: PredictOptions) -> PredictSummary:
         errors.extend(r.error_rows)
         if staged is not None:
             write_errors(staged, r.index, r.error_rows)
+            if not r.error_rows:  # an earlier, killed attempt may have left one
+                staged.rm(ERRORS_DIR, part_name(r.index))
             with staged.open_atomic(part_name(r.index)) as f:
                 pq.write_table(r.table, f)
         else:
@@ -255,8 +260,7 @@ def run_predict(o: PredictOptions) -> PredictSummary:
     table = None
     rows = 0
     if staged is not None:
-        for i in sorted(done):
-            errors.extend(_read_errors(staged, i))
+        errors.extend(_read_errors(staged, sorted(done)))
         if not failed:
             rows = _assemble(o.output, staged, len(shards), o.storage_options)
     else:
@@ -266,14 +270,35 @@ def run_predict(o: PredictOptions) -> PredictSummary:
                           time.perf_counter() - t0, len(done))
 
 
-def _read_errors(staged: Storage, index: int) -> list[tuple[str, str]]:
+def _read_errors(staged: Storage, indexes: list[int]) -> list[tuple[str, str]]:
+    """The staged error rows of these shards (one listing of _errors/ for all of them)."""
     from .writer import ERRORS_DIR
 
-    name = part_name(index)
-    if name not in staged.ls_names(ERRORS_DIR):
-        return []
-    t = pq.read_table(staged.fs.open(staged.path(ERRORS_DIR, name), "rb"))
-    return list(zip(t.column("path").to_pylist(), t.column("error").to_pylist()))
+    present = set(staged.ls_names(ERRORS_DIR))
+    rows: list[tuple[str, str]] = []
+    for i in indexes:
+        if part_name(i) in present:
+            t = _read_table(staged, staged.path(ERRORS_DIR, part_name(i)))
+            rows += zip(t.column("path").to_pylist(), t.column("error").to_pylist())
+    return rows
+
+
+def _read_table(store: Storage, path: str) -> Any:
+    with store.fs.open(path, "rb") as f:
+        return pq.read_table(f)
+
+
+def _prepare_staging(staged: Storage, plan: dict[str, Any]) -> None:
+    """Resume staged shards only if they were made by the same plan; otherwise start over
+    (other INPUT files, shard size, --top-k or model would mix rows)."""
+    try:
+        same = staged.exists("_plan.json") and staged.read_json("_plan.json") == plan
+    except ValueError:
+        same = False
+    if not same:
+        staged.rm(recursive=True)
+    staged.makedirs()
+    staged.write_json_atomic(plan, "_plan.json")
 
 
 def _assemble(output: str, staged: Storage, n_shards: int, options: dict[str, Any]) -> int:
@@ -283,14 +308,14 @@ def _assemble(output: str, staged: Storage, n_shards: int, options: dict[str, An
     writer = None
     with parent.open_atomic(name) as f:
         for i in range(n_shards):
-            t = pq.read_table(staged.fs.open(staged.path(part_name(i)), "rb"))
+            t = _read_table(staged, staged.path(part_name(i)))
             if writer is None:
                 writer = pq.ParquetWriter(f, t.schema)
             writer.write_table(t)
             rows += t.num_rows
         if writer is not None:
             writer.close()
-    errs = [e for i in range(n_shards) for e in _read_errors(staged, i)]
+    errs = _read_errors(staged, list(range(n_shards)))
     if errs:
         from .schema import ERRORS_SCHEMA
 

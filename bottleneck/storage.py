@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import IO, Any, TypeVar
 
-import fsspec
 from fsspec.core import url_to_fs
 
 T = TypeVar("T")
@@ -314,7 +313,3 @@ def restore_env(values: dict[str, str]) -> None:
     worker's own machine sets, such as an instance role's, wins)."""
     for k, v in values.items():
         os.environ.setdefault(k, v)
-
-
-def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> fsspec.AbstractFileSystem:
-    return url_to_fs(url, **(storage_options or {}))[0]

@@ -234,10 +234,12 @@ def train_head(o: TrainOptions) -> dict[str, Any]:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=h.early_stopping, restore_best_weights=True))
     t0 = time.perf_counter()
-    # The validation stream's length is not known ahead; Keras warns when it ends. It should.
-    warnings.filterwarnings("ignore", message="Your input ran out of data")
-    fit = model.fit(train_data, validation_data=val_data, epochs=h.epochs, verbose=o.verbose,
-                    steps_per_epoch=steps, callbacks=callbacks, shuffle=False)
+    with warnings.catch_warnings():
+        # The validation stream's length is not given to Keras; it warns when it ends. It should.
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        fit = model.fit(train_data, validation_data=val_data, epochs=h.epochs,
+                        verbose=o.verbose, steps_per_epoch=steps, callbacks=callbacks,
+                        shuffle=False)
     fit_seconds = time.perf_counter() - t0
     history = {k: [float(v) for v in vs] for k, vs in fit.history.items()}
     epochs_run = len(history.get("loss", []))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -57,7 +58,11 @@ class ShardWriter:
     def __enter__(self) -> "ShardWriter":
         self._ctx = self.out.open_atomic(part_name(self.shard_index))
         f = self._ctx.__enter__()
-        self._writer = pq.ParquetWriter(f, self.schema, compression=COMPRESSION)
+        try:
+            self._writer = pq.ParquetWriter(f, self.schema, compression=COMPRESSION)
+        except BaseException:
+            self._ctx.__exit__(*sys.exc_info())  # drop the file set aside in _tmp
+            raise
         return self
 
     def write_batch(self, urls: list[str], labels: list[str | None], features: np.ndarray) -> None:
