@@ -102,6 +102,15 @@ def batched_pixels(stream: Iterator[tuple[Entry, np.ndarray | None, str | None]]
         yield entries, np.stack(arrays)
 
 
+def prepare_worker(credentials: Any, threads: int | None) -> None:
+    """First thing in an actor: the driver's credentials (if any), then TensorFlow's threads."""
+    from .model import configure_threads
+
+    if credentials is not None:
+        credentials.restore()
+    configure_threads(threads)
+
+
 class ShardImages:
     """Read → decode → batch, ahead of the model: the one image path of extract and predict.
 
@@ -140,11 +149,9 @@ class Extractor:
     """Holds one VGG16 conv base; turns shards into committed Parquet part files."""
 
     def __init__(self, config: ExtractConfig):
-        from .model import BatchRunner, build_conv_base, configure_threads
+        from .model import BatchRunner, build_conv_base
 
-        if config.credentials is not None:
-            config.credentials.restore()
-        configure_threads(config.threads)
+        prepare_worker(config.credentials, config.threads)
         self.config = config
         self.images = ShardImages(dict(config.input_options), config.decode_options,
                                   config.batch_size, config.decode_threads)

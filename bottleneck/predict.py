@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .extractor import ShardImages
+from .extractor import ShardImages, prepare_worker
 from .images import DecodeOptions
 from .planning import (Entry, Shard, committed_shards, listing_digest, make_entries, part_name,
                        plan_remaining, plan_shards)
@@ -85,11 +85,9 @@ class Predictor:
 
     def __init__(self, config: PredictConfig):
         from .head import load_model
-        from .model import BatchRunner, configure_threads
+        from .model import BatchRunner
 
-        if config.credentials is not None:
-            config.credentials.restore()
-        configure_threads(config.threads)
+        prepare_worker(config.credentials, config.threads)
         self.config = config
         self.options = dict(config.storage_options)
         store = Storage(config.model_dir, self.options)

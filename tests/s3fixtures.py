@@ -358,3 +358,16 @@ def s3(s3_server, monkeypatch, tmp_path):
     s3fs.S3FileSystem.clear_instance_cache()
     yield new_bucket(s3_server)
     s3_server.proxy.reset()
+
+
+def grep_tree(root: Path, needles: list[bytes]) -> list[str]:
+    """`file: needle` for every needle found in any regular file under root."""
+    hits = []
+    for p in root.rglob("*"):
+        if p.is_file() and not p.is_symlink() and not p.name.endswith(".sock"):
+            try:
+                data = p.read_bytes()
+            except OSError:
+                continue
+            hits += [f"{p}: {n.decode()}" for n in needles if n in data]
+    return hits

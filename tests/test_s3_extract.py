@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from s3fixtures import (  # noqa: F401 - fixtures
+    grep_tree,
     KEY_ID,
     SECRET,
     Fault,
@@ -253,18 +254,6 @@ def test_storage_errors_are_retried_and_a_shard_that_cannot_be_written_is_report
     assert read_features(s3).num_rows == 10
 
 
-def _grep_tree(root: Path, needles: list[bytes]) -> list[str]:
-    hits = []
-    for p in root.rglob("*"):
-        if p.is_file() and not p.is_symlink():
-            try:
-                data = p.read_bytes()
-            except OSError:
-                continue
-            hits += [f"{p}: {n.decode()}" for n in needles if n in data]
-    return hits
-
-
 def _texts_of_object(key: str, data: bytes) -> bytes:
     """An object's bytes, plus for Parquet its metadata and values decoded (zstd hides them)."""
     if not key.endswith(".parquet"):
@@ -329,9 +318,9 @@ def test_cli_keeps_secrets_out_of_logs_progress_metadata_and_markers(cli_run):
     assert [r for r in cli_run.sent if r.key.endswith("-_lock.json") and b"heartbeat" in r.body]
     assert not [r.key for r in cli_run.sent for n in needles if n in r.body]
     # --storage-options travel as actor arguments, which Ray does not log.
-    assert not _grep_tree(cli_run.ray_tmp, needles[1:])
+    assert not grep_tree(cli_run.ray_tmp, needles[1:])
 
 
 def test_env_credentials_stay_out_of_ray_session_logs(cli_run):
     assert cli_run.proc.returncode == 0
-    assert not _grep_tree(cli_run.ray_tmp, cli_run.needles[:1])
+    assert not grep_tree(cli_run.ray_tmp, cli_run.needles[:1])

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from s3fixtures import (  # noqa: F401 - fixtures
+    grep_tree,
     S3Bucket,
     aws_environ,
     isolate_from_aws,
@@ -85,18 +86,6 @@ def ray_session_dir() -> Path:
     import ray
 
     return Path(ray._private.worker._global_node.get_session_dir_path())
-
-
-def grep_tree(root: Path, needles: list[bytes]) -> list[str]:
-    hits = []
-    for p in root.rglob("*"):
-        if p.is_file() and not p.is_symlink() and not p.name.endswith(".sock"):
-            try:
-                data = p.read_bytes()
-            except OSError:
-                continue
-            hits += [f"{p}: {n.decode()}" for n in needles if n in data]
-    return hits
 
 
 def contents(key: str, data: bytes) -> list[tuple[str, bytes]]:
