@@ -1,13 +1,15 @@
 """Storage through fsspec: local folders and any bucket (s3://, gs://, memory://…) alike.
 
 Every read and write of the job goes through `Storage`, which carries the fsspec options,
-retries transient errors, and commits files atomically (write aside, then move into place).
+retries transient errors, commits files atomically (a local file is written aside and
+renamed; an object is one PUT), and creates files exclusively (the basis of a lock).
 Credentials never leave this object in logs: `redact` strips them from anything printed.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -16,7 +18,8 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from http.client import IncompleteRead
 from typing import IO, Any, TypeVar
 
 from fsspec.core import url_to_fs
@@ -58,26 +61,53 @@ def redact(options: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-# -- transient errors ------------------------------------------------------------------
-# A retry is worth it for time-outs, dropped connections, throttling and 5xx answers. The
-# decision reads the exception chain (s3fs raises OSError `from` botocore's ClientError,
+# -- retries ---------------------------------------------------------------------------
+# One policy, in two places: botocore retries each S3 request itself (adaptive mode: back-off
+# plus client-side rate limiting under throttling), and `with_retries` retries a whole
+# operation when the client gives up. s3fs' own retry loop is turned off (S3FS_TRIES).
+S3_CLIENT_RETRIES = {"mode": "adaptive", "max_attempts": 4}  # retries after the first try
+S3FS_TRIES = 1
+
+# The decision reads the exception chain (s3fs raises OSError `from` botocore's ClientError,
 # which carries the HTTP status), not the message, which holds paths like "img-500.jpg".
 _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 _TRANSIENT_CODES = {"RequestTimeout", "RequestTimeoutException", "Throttling",
                     "ThrottlingException", "SlowDown", "InternalError", "ServiceUnavailable",
                     "RequestLimitExceeded", "TooManyRequests", "BandwidthLimitExceeded",
-                    "PriorRequestNotComplete", "OperationAborted"}
-_TRANSIENT_TYPES = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
-                    "ConnectionClosedError", "ResponseStreamingError", "IncompleteReadError",
-                    "HTTPClientError", "ClientConnectionError", "ClientConnectorError",
-                    "ServerDisconnectedError", "ServerTimeoutError", "ClientPayloadError",
-                    "ClientOSError", "FSTimeoutError", "IncompleteRead", "RemoteDisconnected",
-                    "ProtocolError", "ChunkedEncodingError", "ReadTimeout", "ConnectTimeout",
-                    "ResponseParserError"}
+                    "PriorRequestNotComplete", "OperationAborted",
+                    "ConditionalRequestConflict"}  # 409: a concurrent conditional write
 _TRANSIENT_ERRNOS = {errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE,
                      errno.EAGAIN, errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO)}
-_PERMANENT_TYPES = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
-                    FileExistsError)
+
+
+@functools.cache
+def _error_types() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(transient, permanent) exception types: time-outs and dropped connections of the
+    clients installed; missing files, permissions and TLS failures. Imported on first use."""
+    transient: list[type[BaseException]] = [TimeoutError, ConnectionError, IncompleteRead]
+    permanent: list[type[BaseException]] = [FileNotFoundError, IsADirectoryError,
+                                            NotADirectoryError, PermissionError, FileExistsError]
+    from fsspec.exceptions import FSTimeoutError
+
+    transient.append(FSTimeoutError)
+    try:
+        from botocore import exceptions as boto
+        from botocore.parsers import ResponseParserError
+    except ImportError:
+        pass
+    else:
+        # ResponseParserError: throttled answers sometimes come with a truncated XML body.
+        transient += [boto.HTTPClientError, boto.EndpointConnectionError,
+                      boto.ConnectTimeoutError, boto.IncompleteReadError, ResponseParserError]
+        permanent.append(boto.SSLError)
+    try:
+        import aiohttp
+    except ImportError:
+        pass
+    else:
+        transient += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
+        permanent.append(aiohttp.ClientSSLError)
+    return tuple(transient), tuple(permanent)
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -102,20 +132,29 @@ def _http_status(e: BaseException) -> tuple[int | None, str | None]:
     return None, None
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Errors worth retrying: time-outs, dropped connections, throttling and 5xx from a store.
-
-    Missing files, permissions and other 4xx answers are not retried.
-    """
+def _store_answer(exc: BaseException) -> tuple[int | None, str | None]:
+    """The (HTTP status, error code) that a store answered, from anywhere in the chain."""
     for e in _chain(exc):
         status, code = _http_status(e)
         if status is not None or code is not None:
-            return status in _TRANSIENT_STATUS or code in _TRANSIENT_CODES
-        if any(t.__name__ in _TRANSIENT_TYPES for t in type(e).__mro__):
-            return True
-        if isinstance(e, _PERMANENT_TYPES):
+            return status, code
+    return None, None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth retrying: time-outs, dropped connections, throttling and 5xx from a store.
+
+    A store's answer decides when there is one (its HTTP status or S3 error code); otherwise
+    the exception types do. Missing files, permissions and other 4xx are not retried.
+    """
+    status, code = _store_answer(exc)
+    if status is not None or code is not None:
+        return status in _TRANSIENT_STATUS or code in _TRANSIENT_CODES
+    transient, permanent = _error_types()
+    for e in _chain(exc):
+        if isinstance(e, permanent):
             return False
-        if isinstance(e, (TimeoutError, ConnectionError)):
+        if isinstance(e, transient):
             return True
         if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
             return True
@@ -126,11 +165,14 @@ def with_retries(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 
                  what: str = "storage call") -> T:
     """Call fn, retrying transient storage errors (see `is_transient`) with jittered
     exponential back-off: up to `attempts` calls, about 0.2+0.4+0.8+1.6 s of waiting.
-    The last error, or the first that is not transient, is raised."""
+    The last error, or the first that is not transient, is raised.
+
+    On S3 each call already holds botocore's retries (S3_CLIENT_RETRIES): this loop covers
+    faults that outlast them, and stores whose clients do not retry."""
     for attempt in range(1, attempts + 1):
         try:
             return fn()
-        except Exception as e:  # noqa: BLE001 - filtered just below
+        except Exception as e:  # filtered just below
             if attempt == attempts or not is_transient(e):
                 raise
             delay = base_delay * 2 ** (attempt - 1) * (0.5 + random.random())
@@ -140,6 +182,37 @@ def with_retries(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 
     raise AssertionError("unreachable")
 
 
+def _s3_options(options: dict[str, Any]) -> dict[str, Any]:
+    """s3fs options with botocore's retry policy (S3_CLIENT_RETRIES) filled in where the
+    user set none: their `config_kwargs.retries` keys and AWS_RETRY_MODE / AWS_MAX_ATTEMPTS
+    win."""
+    config = dict(options.get("config_kwargs") or {})
+    retries = dict(config.get("retries") or {})
+    if "AWS_RETRY_MODE" not in os.environ:
+        retries.setdefault("mode", S3_CLIENT_RETRIES["mode"])
+    if not {"max_attempts", "total_max_attempts"} & retries.keys() \
+            and "AWS_MAX_ATTEMPTS" not in os.environ:
+        retries["max_attempts"] = S3_CLIENT_RETRIES["max_attempts"]
+    return {**options, "config_kwargs": {**config, "retries": retries}}
+
+
+def _name_taken(exc: BaseException) -> bool:
+    """Whether a conditional create failed because the name exists: 412 PreconditionFailed,
+    or 409 ConditionalRequestConflict still there after the retries (another writer won)."""
+    status, code = _store_answer(exc)
+    return (isinstance(exc, FileExistsError) or status == 412
+            or code in ("PreconditionFailed", "ConditionalRequestConflict"))
+
+
+def _client_resent(exc: BaseException) -> bool:
+    """Whether botocore sent the request that failed with `exc` more than once."""
+    for e in _chain(exc):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            return response.get("ResponseMetadata", {}).get("RetryAttempts", 0) > 0
+    return False
+
+
 class Storage:
     """One root (a folder or bucket prefix) and the fsspec filesystem behind it.
 
@@ -147,10 +220,20 @@ class Storage:
     write to the same prefixes, and a stale listing would hide their files.
     """
 
+    # Bucket commits: the part size of a multipart upload (None: s3fs' 50 MiB; files under
+    # two parts go up in one PUT).
+    upload_chunksize: int | None = None
+
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         self.options = dict(storage_options or {})
-        self.fs, root = url_to_fs(url, **self.options)
-        self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        fs_options = self.options
+        if url.split("://", 1)[0] in ("s3", "s3a"):
+            fs_options = _s3_options(self.options)
+        self.fs, root = url_to_fs(url, **fs_options)
+        protocol = self.fs.protocol
+        self.protocol = protocol if isinstance(protocol, str) else protocol[0]
+        if self.protocol in ("s3", "s3a"):
+            self.fs.retries = S3FS_TRIES  # an attribute, not an s3fs option
         self.is_local = self.protocol in ("file", "local")
         if self.is_local:
             root = os.path.abspath(os.path.expanduser(root))
@@ -159,6 +242,10 @@ class Storage:
 
     def __repr__(self) -> str:  # never the options: they may hold credentials
         return f"Storage({self.url!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from its URL and options: a pickled filesystem would lose `retries`.
+        return Storage, (self.url, self.options)
 
     # -- names -----------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -171,7 +258,7 @@ class Storage:
             return path
         return self.fs.unstrip_protocol(path)
 
-    def child(self, *parts: str) -> "Storage":
+    def child(self, *parts: str) -> Storage:
         return Storage(self.to_url(self.path(*parts)), self.options)
 
     def fresh(self, path: str) -> str:
@@ -215,20 +302,17 @@ class Storage:
 
     @contextmanager
     def open_atomic(self, *parts: str) -> Iterator[IO[bytes]]:
-        """Write a file aside (`_tmp/…`) and move it to its name only once it is complete.
+        """Open a file to write; it appears under its name only once complete, or not at all.
 
-        Readers never see a half-written file. On a local disk the move is a rename. On an
-        object store the caller writes to a local spool file; on leaving the block it is
-        uploaded to `_tmp/…` and copied server-side to its name (a copy appears whole or
-        not at all), each step retried on transient errors, and `_tmp/…` is removed.
+        On a local disk the file is written aside (`_tmp/…`) and renamed into place. On an
+        object store the caller writes to a local spool file, which on leaving the block is
+        uploaded straight to its name, retried on transient errors: a PUT, or a completed
+        multipart upload, is all-or-nothing, and s3fs aborts a multipart upload that fails.
         On an exception nothing is committed.
         """
         final = self.path(*parts)
-        # _tmp/<random>-<name, '/' as '-'>: unique per write, and says what it will become.
-        relative = final[len(self.root) + 1:].replace("/", "-")
-        tmp = self.path("_tmp", f"{uuid.uuid4().hex}-{relative}")
         if self.is_local:
-            self.makedirs("_tmp")
+            tmp = self._tmp_name(final)
             self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
             try:
                 with self.fs.open(tmp, "wb") as f:
@@ -239,21 +323,25 @@ class Storage:
                 raise
             return
         with tempfile.TemporaryDirectory(prefix="bottleneck-spool-") as spool_dir:
-            spool = os.path.join(spool_dir, "data")
+            # The spool has the final's base name: s3fs guesses the Content-Type from it.
+            spool = os.path.join(spool_dir, final.rsplit("/", 1)[-1])
             with open(spool, "wb") as f:
                 yield f
-            try:
-                with_retries(lambda: self.fs.put_file(spool, tmp), what=f"upload {tmp}")
-                with_retries(lambda: self.fs.cp_file(tmp, final), what=f"commit {final}")
-            finally:
-                self._discard(tmp)
+            kwargs = {"chunksize": self.upload_chunksize} if self.upload_chunksize else {}
+            with_retries(lambda: self.fs.put_file(spool, final, **kwargs),
+                         what=f"commit {final}")
+
+    def _tmp_name(self, final: str) -> str:
+        """A local scratch name for `final` under `_tmp/`: unique per write, and says what it
+        will become (<random>-<name, '/' as '-'>)."""
+        self.makedirs("_tmp")
+        relative = final[len(self.root) + 1:].replace("/", "-")
+        return self.path("_tmp", f"{uuid.uuid4().hex}-{relative}")
 
     def _discard(self, path: str) -> None:
         """Best effort: whatever is left under _tmp is never read, and the next run clears it."""
-        try:
+        with suppress(Exception):
             with_retries(lambda: self.fs.rm_file(path), attempts=3, what=f"remove {path}")
-        except Exception:  # noqa: BLE001
-            pass
 
     def write_bytes_atomic(self, data: bytes, *parts: str) -> None:
         with self.open_atomic(*parts) as f:
@@ -261,6 +349,59 @@ class Storage:
 
     def write_json_atomic(self, obj: Any, *parts: str) -> None:
         self.write_bytes_atomic(json.dumps(obj, indent=2, sort_keys=True).encode(), *parts)
+
+    def create_exclusive(self, data: bytes, *parts: str) -> bool:
+        """Write `data` under the name only if nothing is there yet: True when this call
+        created it, False when the name already existed (its content is left as it was).
+
+        Atomic, with no window between the check and the write: on a local disk a hard link
+        (see below), on S3 a conditional PUT (`If-None-Match: *`; AWS S3, MinIO and other
+        stores with conditional writes). Other stores raise NotImplementedError. On S3,
+        `data` should be unique to the caller (a lock holds a random owner id): when a
+        resent PUT finds the name holding exactly these bytes, an earlier send created it and
+        only its answer was lost, so the call returns True.
+        """
+        final = self.path(*parts)
+        if self.is_local:
+            # Written aside, then linked: link(2) fails when the name exists, as O_CREAT|O_EXCL
+            # does, and the name appears with all its content, never empty or partial.
+            tmp = self._tmp_name(final)
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.link(tmp, final)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                with suppress(OSError):
+                    os.unlink(tmp)
+        if self.protocol not in ("s3", "s3a"):
+            raise NotImplementedError(f"exclusive create on {self.protocol}:// storage")
+        sends = 0
+
+        def put() -> None:
+            nonlocal sends
+            sends += 1
+            self.fs.pipe_file(final, data, mode="create")
+
+        try:
+            with_retries(put, what=f"create {final}")
+            return True
+        except Exception as e:  # filtered just below
+            if not _name_taken(e):
+                raise
+            if sends == 1 and not _client_resent(e):
+                return False
+        try:
+            return self.read_bytes(final) == data
+        except FileNotFoundError:  # a conflict that no writer won
+            return False
+
+    def create_json_exclusive(self, obj: Any, *parts: str) -> bool:
+        """`create_exclusive` of `obj` as JSON."""
+        return self.create_exclusive(json.dumps(obj, indent=2, sort_keys=True).encode(), *parts)
 
     def rm(self, *parts: str, recursive: bool = False) -> None:
         p = self.path(*parts)

@@ -4,7 +4,8 @@
   it. The job talks to the proxy; the tests set up and check buckets straight on moto.
 - `S3Proxy` forwards every request as it is, records it (method, key, query, copy source),
   and answers with a fault where a test asks for one: an S3 error status (503…), a delay
-  longer than the client's read time-out, or a dropped connection.
+  longer than the client's read time-out (before the request reaches the store, or after it
+  did its work: a lost answer), or a dropped connection.
 - `s3` (function): a fresh bucket, the AWS variables pointing at the proxy (the standard
   way users configure the endpoint), and helpers.
 
@@ -64,7 +65,8 @@ class Request:
 @dataclass
 class Fault:
     """Answer matching requests with `status` (an S3 error), or `delay` seconds of silence
-    then the real answer, or a dropped connection (`drop`), at most `times` times."""
+    then the real answer, or the real answer held back `answer_delay` seconds after the store
+    acted on the request, or a dropped connection (`drop`), at most `times` times."""
 
     method: str | None = None  # None: any
     key: str = ".*"  # regex searched in "bucket/key"
@@ -72,6 +74,7 @@ class Fault:
     status: int | None = None
     code: str = "ServiceUnavailable"
     delay: float = 0.0
+    answer_delay: float = 0.0
     drop: bool = False
     times: int | None = None  # None: every time
     hits: int = 0
@@ -144,6 +147,8 @@ class S3Proxy:
                     conn.request(self.command, self.path, body=body, headers=headers)
                     resp = conn.getresponse()
                     data = resp.read()
+                    if fault and fault.answer_delay:
+                        time.sleep(fault.answer_delay)
                     self.send_response(resp.status, resp.reason)
                     for k, v in resp.getheaders():
                         if k.lower() not in ("transfer-encoding", "connection", "content-length",
