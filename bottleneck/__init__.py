@@ -7,3 +7,6 @@ import warnings
 warnings.filterwarnings("ignore", message=r"Pandas requires version .* of 'bottleneck'")
 
 __version__ = "0.1.0"
+# The pip name. PyPI's unrelated "Bottleneck" installs the same import name; the console
+# script checks this marker to tell the two apart.
+__distribution__ = "vgg-bottleneck"
