@@ -1,7 +1,8 @@
 """`bottleneck` command line: parse, check before any work, connect to Ray, call the library.
 
-Exit codes: 0 done; 1 the job ran but left work undone (failed shards: rerun to resume);
-2 bad arguments, a missing INPUT, an unwritable OUTPUT or a settings conflict (no work done).
+Exit codes: 0 done; 1 the job ran but left work undone (failed shards, or a lost OUTPUT
+lock: rerun to resume); 2 bad arguments, a missing INPUT, an unwritable OUTPUT, a settings
+conflict, an unreachable Ray address (every `errors.UsageError`: no work done).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ def _storage_options(text: str | None) -> dict:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
-                   help="Ray address (default: $RAY_ADDRESS, else a running local head, "
-                        "else a local Ray started for the job)")
+                   help="Ray address, or 'local' for a private Ray (default: $RAY_ADDRESS, "
+                        "else the head `ray start` runs on this machine, else a private Ray "
+                        "for this job)")
     p.add_argument("--storage-options", type=_storage_options, default={}, metavar="JSON",
                    help="JSON object handed to fsspec, e.g. '{\"anon\": true}' "
                         "(default: the standard AWS variables and config)")
@@ -43,8 +45,10 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default="imagenet",
                    help="imagenet | random[:SEED] | path or URL of a .h5 / .weights.h5 file "
                         "(default: imagenet)")
-    p.add_argument("--image-size", type=int, default=224, help="square input side, >= 32 (default: 224)")
-    p.add_argument("--interpolation", default="bilinear", choices=["nearest", "bilinear", "bicubic"],
+    p.add_argument("--image-size", type=int, default=224,
+                   help="square input side, >= 32 (default: 224)")
+    p.add_argument("--interpolation", default="bilinear",
+                   choices=["nearest", "bilinear", "bicubic"],
                    help="resize filter (default: bilinear; nearest matches flow_from_directory)")
     p.add_argument("--pooling", default="none", choices=["none", "avg", "max"],
                    help="none: H×W×512 features; avg/max: 512 (default: none)")
@@ -65,7 +69,6 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
                    choices=["float32", "mixed_bfloat16", "mixed_float16"],
                    help="conv base compute precision; mixed is faster on GPUs and AMX CPUs, "
                         "and changes the features (fidelity in README) (default: float32)")
-    p.add_argument("--xla", action="store_true", help="compile the conv base with XLA")
     p.add_argument("--max-attempts", type=int, default=3,
                    help="tries per shard before it is reported as failed (default: 3)")
     p.add_argument("--overwrite", action="store_true",
@@ -75,8 +78,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from .extract import ExtractOptions, UsageError, check_extract, run_extract
-    from .manifest import OutputConflict
+    from .extract import ExtractOptions, run_extract
 
     o = ExtractOptions(
         input=args.input, output=args.output, weights=args.weights, image_size=args.image_size,
@@ -84,14 +86,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, shard_size=args.shard_size, actors=args.actors,
         gpus_per_actor=args.gpus_per_actor, threads=args.threads, address=args.address,
         storage_options=args.storage_options, overwrite=args.overwrite,
-        jpeg_draft=args.jpeg_draft, precision=args.precision, xla=args.xla,
-        max_attempts=args.max_attempts,
+        jpeg_draft=args.jpeg_draft, precision=args.precision, max_attempts=args.max_attempts,
         progress=args.progress)
-    try:
-        checked = check_extract(o)
-        summary = run_extract(o, checked)
-    except (UsageError, OutputConflict) as e:
-        return _fail(e)
+    summary = run_extract(o)
     print("\n".join(summary.lines()))
     return EXIT_OK if summary.ok else EXIT_INCOMPLETE
 
@@ -115,7 +112,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--learning-rate", type=float, default=1e-3, help="(default: 0.001)")
     p.add_argument("--epochs", type=int, default=50, help="(default: 50)")
     p.add_argument("--batch-size", type=int, default=16, help="(default: 16)")
-    p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed (default: 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="initialisation and shuffling seed (default: 0)")
     p.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE",
                    help="stop after PATIENCE epochs without a better val_loss (default: off)")
     p.add_argument("--no-normalize", dest="normalize", action="store_false",
@@ -123,15 +121,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shuffle-buffer", type=int, default=1024,
                    help="rows held for shuffling; memory is about this × row size (default: 1024)")
     p.add_argument("--weights", default=None,
-                   help="the weights file the features were made with, when it was a file")
+                   help="the weights file the features were made with, if it moved since "
+                        "(default: where their metadata says it was)")
     _add_common(p)
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .features import FeatureDataError
-    from .head import HeadConfig
-    from .train import TrainOptions, TrainUsageError, check_train, run_train
+    from .train import HeadConfig, TrainOptions, format_metrics, run_train
 
     head = HeadConfig(hidden=args.hidden, dropout=args.dropout, optimizer=args.optimizer,
                       learning_rate=args.learning_rate, epochs=args.epochs,
@@ -142,19 +139,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                      head=head, shuffle_buffer=args.shuffle_buffer, weights=args.weights,
                      storage_options=args.storage_options, address=args.address,
                      verbose=2)
-    try:
-        check_train(o)
-        metrics = run_train(o)
-    except (TrainUsageError, FeatureDataError) as e:
-        return _fail(e)
-    except Exception as e:  # a Ray task error wraps the cause
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, (TrainUsageError, FeatureDataError)):
-            return _fail(cause)
-        raise
+    metrics = run_train(o)
     if metrics.get("val_accuracy") is not None:
-        from .train import format_metrics
-
         print(format_metrics(metrics))
     print(f"model: {args.model_dir}")
     return EXIT_OK
@@ -170,13 +156,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .features import FeatureDataError
     from .train import dumps, evaluate, format_metrics
 
-    try:
-        m = evaluate(args.model_dir, args.features, args.storage_options)
-    except (FeatureDataError, FileNotFoundError) as e:
-        return _fail(e)
+    m = evaluate(args.model_dir, args.features, args.storage_options)
     print(dumps(m) if args.json else format_metrics(m))
     return EXIT_OK
 
@@ -187,7 +169,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", metavar="INPUT", help="an image, a folder, or an fsspec URL")
     p.add_argument("--output", default=None, metavar="PREDICTIONS.parquet",
                    help="write every prediction to Parquet (default: print a table)")
-    p.add_argument("--top-k", type=int, default=1, help="also store the K best classes (default: 1)")
+    p.add_argument("--top-k", type=int, default=1,
+                   help="also store the K best classes (default: 1)")
     p.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
     p.add_argument("--shard-size", type=int, default=256, help="(default: 256)")
     p.add_argument("--actors", type=int, default=None, help="(default: as extract)")
@@ -198,19 +181,24 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import PredictOptions, PredictUsageError, format_table, run_predict
+    from .predict import PredictOptions, run_predict
+    from .predict.job import format_rows, header
 
     o = PredictOptions(model_dir=args.model_dir, input=args.input, output=args.output,
                        top_k=args.top_k, batch_size=args.batch_size, shard_size=args.shard_size,
                        actors=args.actors, gpus_per_actor=args.gpus_per_actor,
                        address=args.address, storage_options=args.storage_options,
                        max_attempts=args.max_attempts, progress=args.progress)
-    try:
-        s = run_predict(o)
-    except PredictUsageError as e:
-        return _fail(e)
-    if s.table is not None:
-        print(format_table(s.table))
+    printed = False
+
+    def show(table: object) -> None:  # each shard's predictions as it finishes
+        nonlocal printed
+        if not printed:
+            print(header())
+            printed = True
+        print("\n".join(format_rows(table)), flush=True)
+
+    s = run_predict(o, on_table=None if o.output else show)
     if s.output:
         print(f"{s.rows} predictions written to {s.output}" if s.ok else
               f"{s.output} not written: shards failed")
@@ -239,7 +227,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .tools.demo import run_demo
 
     return run_demo(args.workdir, per_class=args.per_class, image_size=args.image_size,
                     weights=args.weights, epochs=args.epochs, address=args.address)
@@ -273,7 +261,7 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
 def cmd_benchmark(args: argparse.Namespace) -> int:
     import json
 
-    from .benchmark import format_results, run_benchmark
+    from .tools.benchmark import format_results, run_benchmark
 
     r = run_benchmark(args.images, args.count, args.image_size, args.weights, args.batch_size,
                       args.limit_seconds, args.ray_data, workdir=args.workdir,
@@ -315,7 +303,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    from .errors import UsageError
+    from .runner.lock import LockLost
+
+    try:
+        return args.func(args)
+    except UsageError as e:
+        return _fail(e)
+    except LockLost as e:
+        return _fail(e, EXIT_INCOMPLETE)
 
 
 if __name__ == "__main__":

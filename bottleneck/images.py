@@ -9,16 +9,27 @@ The reference is Keras' own pipeline::
 right what Keras reads badly: 16-bit PNGs are scaled to 8 bits (Keras clips them to white),
 EXIF orientation is applied, CMYK/palette/grey/alpha images become RGB, and a decompression
 bomb is an error instead of a crash.  Pure Pillow + NumPy: no TensorFlow, no Ray.
+
+`ShardImages` runs that path for a whole shard: reads and decodes on a small thread pool
+ahead of the model (Pillow releases the GIL while it decodes, TensorFlow while it
+computes), and hands out batches of pixels, so the model never waits.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from .runner.planning import Entry
+    from .storage import Storage
 
 INTERPOLATIONS: dict[str, int] = {
     "nearest": Image.Resampling.NEAREST,
@@ -164,3 +175,84 @@ def load_image(path: str, open_file: Callable[[str], bytes], options: DecodeOpti
         # Not transient (Storage does not retry it): one error row, not a failed shard.
         raise ImageError("permission denied") from None
     return decode_image(data, options)
+
+
+def decode_stream(entries: tuple[Entry, ...], read: Callable[[str], bytes],
+                  options: DecodeOptions, pool: ThreadPoolExecutor,
+                  lookahead: int) -> Iterator[tuple[Entry, np.ndarray | None, str | None]]:
+    """Decode entries on `pool`, at most `lookahead` ahead, yielding them in order as
+    (entry, pixels, None) or (entry, None, reason)."""
+    def one(e: Entry) -> tuple[np.ndarray | None, str | None]:
+        try:
+            return load_image(e.path, read, options), None
+        except ImageError as err:
+            return None, str(err)
+
+    pending: deque[tuple[Entry, Future]] = deque()
+    it = iter(entries)
+    for e in it:
+        pending.append((e, pool.submit(one, e)))
+        if len(pending) >= lookahead:
+            break
+    while pending:
+        e, fut = pending.popleft()
+        nxt = next(it, None)
+        if nxt is not None:
+            pending.append((nxt, pool.submit(one, nxt)))
+        pixels, reason = fut.result()
+        yield e, pixels, reason
+
+
+def batched_pixels(stream: Iterator[tuple[Entry, np.ndarray | None, str | None]],
+                   batch_size: int, on_error: Callable[[Entry, str], None]
+                   ) -> Iterator[tuple[list[Entry], np.ndarray]]:
+    """Group decoded images into batches of `batch_size`, reporting failures on the way."""
+    entries: list[Entry] = []
+    arrays: list[np.ndarray] = []
+    for e, pixels, reason in stream:
+        if pixels is None:
+            on_error(e, reason or "unreadable")
+            continue
+        entries.append(e)
+        arrays.append(pixels)
+        if len(entries) == batch_size:
+            yield entries, np.stack(arrays)
+            entries, arrays = [], []
+    if entries:
+        yield entries, np.stack(arrays)
+
+
+class ShardImages:
+    """Read → decode → batch, ahead of the model: the one image path of extract and predict.
+
+    Holds the decode thread pool and one fsspec filesystem per input protocol, reused
+    across shards.
+    """
+
+    def __init__(self, storage_options: dict[str, Any], decode: DecodeOptions, batch_size: int,
+                 decode_threads: int = 2):
+        self.options = storage_options
+        self.decode = decode
+        self.batch_size = batch_size
+        self.pool = ThreadPoolExecutor(max(1, decode_threads), thread_name_prefix="decode")
+        self._readers: dict[str, Storage] = {}
+
+    def _reader(self, url: str) -> Callable[[str], bytes]:
+        proto = url.split("://", 1)[0] if "://" in url else "file"
+        if proto not in self._readers:
+            from .storage import Storage
+
+            self._readers[proto] = Storage(url, self.options)
+        return self._readers[proto].read_bytes
+
+    def batches(self, entries: tuple[Entry, ...], on_error: Callable[[Entry, str], None]
+                ) -> Iterator[tuple[list[Entry], np.ndarray]]:
+        """(entries, (n, S, S, 3) float32 RGB 0–255) batches; failures go to `on_error`."""
+        if not entries:
+            return iter(())
+        stream = decode_stream(entries, self._reader(entries[0].url), self.decode, self.pool,
+                               lookahead=2 * self.batch_size)
+        return batched_pixels(stream, self.batch_size, on_error)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

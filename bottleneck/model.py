@@ -94,7 +94,8 @@ def resolve_weights(text: str, storage_options: dict[str, Any] | None = None) ->
         try:
             seed = int(seed_text)
         except ValueError:
-            raise ValueError(f"--weights random:SEED needs an integer seed, not {seed_text!r}") from None
+            raise ValueError(
+                f"--weights random:SEED needs an integer seed, not {seed_text!r}") from None
         return WeightsSpec(kind="random", identity=f"random:{seed}", seed=seed)
     store = Storage(text, storage_options)
     if not store.fs.exists(store.root) or store.fs.isdir(store.root):
@@ -213,7 +214,7 @@ class BatchRunner:
     A short last batch is padded with zeros and the padding dropped from the result.
     """
 
-    def __init__(self, model: Any, batch_size: int, xla: bool = False):
+    def __init__(self, model: Any, batch_size: int):
         import tensorflow as tf
 
         self.model = model
@@ -223,7 +224,6 @@ class BatchRunner:
             # float32 out, whatever the compute precision inside.
             lambda x: tf.cast(model(x, training=False), tf.float32),
             input_signature=[tf.TensorSpec((batch_size, *in_shape), tf.float32)],
-            jit_compile=xla,
         )
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:

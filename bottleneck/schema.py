@@ -76,6 +76,9 @@ class FeatureSettings:
 class DatasetMetadata:
     settings: FeatureSettings
     labels: list[str] = field(default_factory=list)
+    # Where a weights file was read from (settings.weights holds its sha256), so that
+    # `train` finds it again for the exported classifier.
+    weights_url: str | None = None
 
     def to_json(self) -> bytes:
         d = {
@@ -84,12 +87,15 @@ class DatasetMetadata:
             "feature_shape": list(self.settings.shape),
             "labels": self.labels,
         }
+        if self.weights_url:
+            d["weights_url"] = self.weights_url
         return json.dumps(d, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> "DatasetMetadata":
         d = json.loads(raw)
-        return cls(settings=FeatureSettings.from_dict(d["settings"]), labels=list(d["labels"]))
+        return cls(settings=FeatureSettings.from_dict(d["settings"]), labels=list(d["labels"]),
+                   weights_url=d.get("weights_url"))
 
 
 def arrow_dtype(dtype: str) -> pa.DataType:

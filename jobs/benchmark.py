@@ -1,4 +1,5 @@
-"""Ray job entry point: `ray job submit -- python jobs/benchmark.py ...` = `bottleneck benchmark ...`."""
+"""Ray job entry point: `ray job submit -- python jobs/benchmark.py ...` runs
+`bottleneck benchmark ...`."""
 
 import sys
 

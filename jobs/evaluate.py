@@ -1,4 +1,5 @@
-"""Ray job entry point: `ray job submit -- python jobs/evaluate.py ...` = `bottleneck evaluate ...`."""
+"""Ray job entry point: `ray job submit -- python jobs/evaluate.py ...` runs
+`bottleneck evaluate ...`."""
 
 import sys
 

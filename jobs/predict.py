@@ -1,4 +1,5 @@
-"""Ray job entry point: `ray job submit -- python jobs/predict.py ...` = `bottleneck predict ...`."""
+"""Ray job entry point: `ray job submit -- python jobs/predict.py ...` runs
+`bottleneck predict ...`."""
 
 import sys
 

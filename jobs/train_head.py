@@ -1,4 +1,5 @@
-"""Ray job entry point: `ray job submit -- python jobs/train_head.py ...` = `bottleneck train ...`."""
+"""Ray job entry point: `ray job submit -- python jobs/train_head.py ...` runs
+`bottleneck train ...`."""
 
 import sys
 

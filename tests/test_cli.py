@@ -1,7 +1,7 @@
 """`bottleneck extract` error paths, run as a user runs them: a separate process.
 
 Each bad command must fail with exit code 2 and a `bottleneck: error: ...` line before any
-Ray work: the wrapper below reports whether `ray` was even imported.
+Ray work: conftest's `run_cli` reports whether `ray` was even imported.
 """
 
 from __future__ import annotations
@@ -9,35 +9,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO, error_lines, run_cli, write_images
 
-from conftest import write_images
-
-REPO = Path(__file__).resolve().parents[1]
 CONSOLE_SCRIPT = Path(sys.executable).parent / "bottleneck"
-# main() as the console script runs it, plus a last stderr line saying if Ray was imported.
-WRAPPER = ("import sys\n"
-           "from bottleneck.cli import main\n"
-           "try:\n"
-           "    rc = main(sys.argv[1:])\n"
-           "finally:\n"
-           "    print('RAY-IMPORTED' if 'ray' in sys.modules else 'NO-RAY', file=sys.stderr)\n"
-           "sys.exit(rc)\n")
-QUICK = 30.0  # seconds; starting Ray and a TensorFlow actor takes longer than this here
-
-
-def bottleneck(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", WRAPPER, *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO)
-
-
-def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
-    """stderr without the wrapper's marker and Python/TF start-up noise."""
-    return [line for line in proc.stderr.splitlines()
-            if line not in ("NO-RAY", "RAY-IMPORTED") and line.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -82,16 +59,13 @@ NAMES = ["image-size-below-32", "zero-batch-size", "bad-pooling", "bad-interpola
 @pytest.mark.parametrize("name", NAMES)
 def test_usage_errors_exit_2_at_once_without_ray(data, name):
     args, needle = cases(data)[name]
-    t0 = time.monotonic()
-    proc = bottleneck("extract", *args, "--address", "local")
-    took = time.monotonic() - t0
+    proc = run_cli("extract", *args, "--address", "local")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.splitlines()[-1] == "NO-RAY"
     lines = error_lines(proc)
     assert needle in lines[-1], lines
     assert "error: " in lines[-1]
     assert "Traceback" not in proc.stderr
-    assert took < QUICK
     # A refused command leaves no trace: no OUTPUT made, nothing added to INPUT.
     assert not (data["root"] / "out").exists()
     assert not (data["input"] / "features").exists()
@@ -100,7 +74,7 @@ def test_usage_errors_exit_2_at_once_without_ray(data, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_usage_errors_are_one_bottleneck_error_line(data, name):
     args, needle = cases(data)[name]
-    proc = bottleneck("extract", *args, "--address", "local")
+    proc = run_cli("extract", *args, "--address", "local")
     lines = error_lines(proc)
     assert len(lines) == 1, lines
     assert lines[0].startswith("bottleneck: error: ") and needle in lines[0]
@@ -131,16 +105,14 @@ def test_a_real_run_then_a_settings_mismatch_exits_2(data):
     out = data["root"] / "features"
     base = ["extract", str(data["input"]), str(out), "--weights", "random", "--image-size", "32",
             "--shard-size", "4", "--batch-size", "4", "--address", "local", "--no-progress"]
-    proc = bottleneck(*base)
+    proc = run_cli(*base)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "6 rows written, 0 unreadable" in proc.stdout
     assert json.loads((out / "_SUCCESS.json").read_text())["rows"] == 6
 
-    t0 = time.monotonic()
-    proc = bottleneck(*[a if a != "32" else "48" for a in base], "--pooling", "avg")
+    proc = run_cli(*[a if a != "32" else "48" for a in base], "--pooling", "avg")
     assert proc.returncode == 2
     assert proc.stderr.splitlines()[-1] == "NO-RAY"  # refused before Ray
-    assert time.monotonic() - t0 < QUICK
     text = "\n".join(error_lines(proc))
     assert text.startswith("bottleneck: error: OUTPUT ")
     assert "image_size: 32 in OUTPUT, 48 now" in text
@@ -148,6 +120,6 @@ def test_a_real_run_then_a_settings_mismatch_exits_2(data):
     assert "--overwrite" in text
 
     # The same command again is a no-op that succeeds.
-    proc = bottleneck(*base)
+    proc = run_cli(*base)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "0 run now, 2 already done" in proc.stdout

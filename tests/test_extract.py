@@ -18,14 +18,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import committed_parts, write_images
 
-from bottleneck.distribute import choose_layout
 from bottleneck.extract import ExtractOptions, run_extract
-from bottleneck.manifest import MANIFEST, SUCCESS, OutputConflict
-from bottleneck.planning import Entry, Shard
+from bottleneck.runner.manifest import MANIFEST, SUCCESS, OutputConflict
+from bottleneck.runner.planning import Entry, Shard
+from bottleneck.runner.pool import choose_layout
 from bottleneck.schema import METADATA_KEY, MODEL_NAME, read_metadata
-
-from conftest import write_images
 
 SIZE = 64  # 2×2×512 features: big enough to see the H, W, C order
 SHARD = 5
@@ -73,11 +72,6 @@ def options(tree: dict, out: Path, **kw) -> ExtractOptions:
                 shard_size=SHARD, batch_size=BATCH, progress=False)
     base.update(kw)
     return ExtractOptions(**base)
-
-
-def parts(out: Path) -> dict[str, tuple[int, bytes]]:
-    """Each part file's mtime (ns) and bytes."""
-    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(out.glob("part-*"))}
 
 
 @pytest.fixture(scope="module")
@@ -208,28 +202,28 @@ def test_markers_and_nothing_else_beside_the_results(first_run):
 @pytest.mark.ray
 def test_rerun_does_nothing(first_run, tree):
     out, _ = first_run
-    before = parts(out)
+    before = committed_parts(out)
     s = run_extract(options(tree, out))
     assert (s.shards_run, s.shards_skipped, s.rows, s.errors) == (0, 5, 19, 4)
-    assert parts(out) == before
+    assert committed_parts(out) == before
     assert json.loads((out / SUCCESS).read_text())["rows"] == 19
 
 
 @pytest.mark.ray
 def test_a_deleted_part_is_the_only_one_redone(first_run, tree):
     out, _ = first_run
-    before = parts(out)
+    before = committed_parts(out)
     rows_before = pq.read_table(out / "part-00002.parquet").to_pydict()
     (out / "part-00002.parquet").unlink()
     s = run_extract(options(tree, out))
     assert (s.shards_run, s.shards_skipped, s.rows, s.errors) == (1, 4, 19, 4)
     assert [r.index for r in s.results] == [2]
-    after = parts(out)
+    after = committed_parts(out)
     assert after.keys() == before.keys()
     for name in before:
         if name != "part-00002.parquet":
             assert after[name] == before[name], name
-    assert after["part-00002.parquet"][0] != before["part-00002.parquet"][0]
+    assert after["part-00002.parquet"][1] != before["part-00002.parquet"][1]  # rewritten
     assert pq.read_table(out / "part-00002.parquet").to_pydict()["path"] == rows_before["path"]
     # Errors are still each listed once.
     assert pq.read_table(out / "_errors").num_rows == 4
@@ -239,7 +233,7 @@ def test_a_deleted_part_is_the_only_one_redone(first_run, tree):
 def test_settings_mismatch_is_refused_then_overwrite_replaces(first_run, tree, tmp_path):
     """Runs last on this OUTPUT: it replaces it with avg-pooled features."""
     out, _ = first_run
-    before = parts(out)
+    before = committed_parts(out)
     with pytest.raises(OutputConflict) as e:
         run_extract(options(tree, out, image_size=32))
     assert "image_size: 64 in OUTPUT, 32 now" in str(e.value)
@@ -249,7 +243,7 @@ def test_settings_mismatch_is_refused_then_overwrite_replaces(first_run, tree, t
     assert "weights: 'random:0' in OUTPUT, 'random:1' now" in str(e.value)
     with pytest.raises(OutputConflict, match="shard_size: 5 in OUTPUT, 4 now"):
         run_extract(options(tree, out, shard_size=4))
-    assert parts(out) == before  # nothing touched
+    assert committed_parts(out) == before  # nothing touched
 
     # --overwrite replaces, and --pooling avg gives 512 values.
     s = run_extract(options(tree, out, pooling="avg", overwrite=True))
@@ -353,7 +347,7 @@ def test_one_actor_per_gpu(tree, tmp_path):
 
 @pytest.fixture(scope="module")
 def extractor(tmp_path_factory):
-    from bottleneck.extractor import ExtractConfig, Extractor
+    from bottleneck.extract.extractor import ExtractConfig, Extractor
     from bottleneck.model import resolve_weights
     from bottleneck.schema import FeatureSettings
 
@@ -431,7 +425,7 @@ def test_in_process_features_equal_the_model(extractor, tree):
 # -- OUTPUT bookkeeping without Ray -------------------------------------------------------
 
 def a_manifest(**kw):
-    from bottleneck.manifest import Manifest
+    from bottleneck.runner.manifest import Manifest
 
     base = dict(kind="features", settings={"image_size": 32, "pooling": "none"},
                 input_url="/in", listing_sha256="abc", images=10, shard_size=4, shards=3)
@@ -441,7 +435,7 @@ def a_manifest(**kw):
 
 def test_a_rerun_removes_the_earlier_success_marker_until_it_succeeds(tmp_path):
     """A deleted part being redone (or failing) must not sit beside an old 'finished'."""
-    from bottleneck.manifest import prepare_output
+    from bottleneck.runner.manifest import prepare_output
     from bottleneck.storage import Storage
 
     out = Storage(str(tmp_path))
@@ -453,7 +447,7 @@ def test_a_rerun_removes_the_earlier_success_marker_until_it_succeeds(tmp_path):
 
 def test_mismatch_is_found_before_ray_with_every_difference_named(tmp_path, tree):
     from bottleneck.extract import check_extract
-    from bottleneck.manifest import prepare_output
+    from bottleneck.runner.manifest import prepare_output
     from bottleneck.storage import Storage
 
     out = tmp_path / "out"
@@ -482,7 +476,7 @@ def test_a_corrupt_manifest_is_a_conflict_not_a_crash(tmp_path, tree):
 
 
 def test_part_files_without_a_manifest_are_not_adopted(tmp_path):
-    from bottleneck.manifest import prepare_output
+    from bottleneck.runner.manifest import prepare_output
     from bottleneck.storage import Storage
 
     (tmp_path / "part-00000.parquet").write_bytes(b"x")
@@ -495,7 +489,7 @@ def test_part_files_without_a_manifest_are_not_adopted(tmp_path):
 
 
 def test_a_second_job_on_the_same_output_is_refused(tmp_path):
-    from bottleneck.manifest import OutputLock
+    from bottleneck.runner.lock import OutputLock
     from bottleneck.storage import Storage
 
     out = Storage(str(tmp_path))
@@ -511,7 +505,7 @@ def test_a_second_job_on_the_same_output_is_refused(tmp_path):
 
 @pytest.mark.ray
 def test_reader_counts_and_metadata_from_footers(first_run):
-    from bottleneck.reader import count_rows, dataset_metadata, part_paths
+    from bottleneck.runner.output import count_rows, dataset_metadata, part_paths
     from bottleneck.storage import Storage
 
     out, _ = first_run

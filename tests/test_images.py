@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_images
 from PIL import Image
 
 from bottleneck.images import DecodeOptions, ImageError, decode_image, load_image, preprocess
-
-from conftest import write_images
 
 INTERPOLATIONS = ["nearest", "bilinear", "bicubic"]
 

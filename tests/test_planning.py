@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from bottleneck.planning import (
+from bottleneck.runner.planning import (
     Entry,
     committed_shards,
     labels_of,
@@ -79,7 +79,7 @@ def test_plan_shards_cuts_consecutive_shards():
     assert [s.index for s in shards] == [0, 1, 2]
     assert [len(s) for s in shards] == [4, 4, 2]
     assert shards[1].entries == tuple(es[4:8])
-    assert [s.name for s in shards] == ["part-00000.parquet", "part-00001.parquet",
+    assert [part_name(s.index) for s in shards] == ["part-00000.parquet", "part-00001.parquet",
                                        "part-00002.parquet"]
 
 

@@ -3,7 +3,7 @@ server over HTTP (through the counting, fault-injecting proxy of s3fixtures).
 
 The Ray cluster (conftest's `ray_cluster`) starts before any AWS variable is set, so the
 actors reach the bucket only through what the job hands them: the variables that
-`bottleneck.distribute.worker_env` forwards, or --storage-options.
+`bottleneck.runner.pool.worker_env` forwards, or --storage-options.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -24,12 +23,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from s3fixtures import (  # noqa: F401 - fixtures
-    grep_tree,
     KEY_ID,
     SECRET,
     Fault,
     S3Bucket,
     aws_environ,
+    grep_tree,
     isolate_from_aws,
     new_bucket,
     s3,
@@ -41,8 +40,7 @@ from bottleneck.schema import read_metadata
 
 pytestmark = pytest.mark.ray
 
-# Unique per session, so that a weights file made from it is never in an actor's cache.
-SEED = int(time.time()) % 1_000_000
+SEED = 7
 LABELS = {"cat": 5, "dog": 4, None: 1}
 BAD = {"in/cat/empty.jpg": b"", "in/dog/notes.jpg": b"not an image at all"}
 SHARD = 4
@@ -79,17 +77,17 @@ def read_errors(bucket: S3Bucket, prefix: str = "out") -> list[tuple[str, str]]:
     return sorted(rows)
 
 
-def assert_committed_atomically(bucket: S3Bucket, requests, prefix: str = "out") -> None:
-    """Result names are only ever written by a server-side copy of a complete `_tmp/` upload."""
+def assert_committed_by_one_put(bucket: S3Bucket, requests, prefix: str = "out") -> None:
+    """Each shard is committed by one PUT of its part file (a PUT is all-or-nothing on S3),
+    plus one of its errors file when it has errors: no copy, no scratch object."""
     results = re.compile(rf"^{prefix}/(_errors/)?part-\d+\.parquet$")
     writes = [r for r in requests if r.writes_object and r.key.startswith(f"{prefix}/")]
-    assert writes
-    for r in writes:
-        if results.match(r.key):
-            assert r.copy_source and r.copy_source.startswith(f"{bucket.name}/{prefix}/_tmp/"), r
-            assert r.copy_source.endswith("-" + r.key[len(prefix) + 1:].replace("/", "-"))
-        elif r.key.startswith(f"{prefix}/_tmp/"):
-            assert r.copy_source is None
+    parts = [r.key for r in writes if results.match(r.key)]
+    assert parts
+    assert all(r.method == "PUT" and r.copy_source is None for r in writes), writes
+    assert len(parts) == len(set(parts))  # once each
+    assert not [r for r in requests if r.method in ("HEAD", "DELETE") and results.match(r.key)]
+    assert not [r for r in writes if "/_tmp/" in r.key]
     assert not [k for k in bucket.keys(prefix + "/") if "/_tmp/" in k]
 
 
@@ -142,7 +140,16 @@ def test_each_image_is_read_with_one_request_and_shards_commit_atomically(extrac
     reads = [r for r in extracted.requests if r.key.startswith("in/") and r.method in ("GET", "HEAD")]
     assert sorted(r.key for r in reads) == extracted.files
     assert all(r.method == "GET" for r in reads)
-    assert_committed_atomically(extracted.bucket, extracted.requests)
+    assert_committed_by_one_put(extracted.bucket, extracted.requests)
+    shard_puts = {i: [r.key for r in extracted.requests if r.method == "PUT"
+                      and re.fullmatch(rf"out/(_errors/)?part-{i:05d}\.parquet", r.key)]
+                  for i in range(4)}
+    print(f"\n[commit] requests per shard commit: { {i: len(k) for i, k in shard_puts.items()} }")
+    # 1 PUT per shard, plus 1 for its errors file where the shard has unreadable images.
+    bad = set(BAD) | {"in/dog/truncated.jpg"}
+    files = extracted.files
+    assert {i: len(k) for i, k in shard_puts.items()} == {
+        i: 1 + bool(bad & set(files[i * SHARD:(i + 1) * SHARD])) for i in range(4)}
 
 
 def test_rerun_does_nothing_then_resume_redoes_only_a_deleted_part(extracted):
@@ -166,7 +173,7 @@ def test_rerun_does_nothing_then_resume_redoes_only_a_deleted_part(extracted):
     assert after["out/part-00001.parquet"][0] == before["out/part-00001.parquet"][0]  # same bytes
     reads = sorted(r.key for r in b.proxy.to(b.name) if r.key.startswith("in/") and r.method == "GET")
     assert reads == extracted.files[SHARD:2 * SHARD]
-    assert_committed_atomically(b, b.proxy.to(b.name))
+    assert_committed_by_one_put(b, b.proxy.to(b.name))
     assert read_features(b).num_rows == 10
 
 
@@ -188,16 +195,21 @@ def test_weights_from_a_bucket_with_storage_options_only(extracted, monkeypatch,
     b.put("weights/vgg16.weights.h5", data)
 
     isolate_from_aws(monkeypatch, tmp_path)
-    from bottleneck.distribute import worker_env
+    from bottleneck.runner.pool import worker_env
 
     assert not {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(worker_env())
     digest = hashlib.sha256(data).hexdigest()
+
+    def drop_cached_copy() -> None:  # the actors' copy (58 MB): they must fetch the file
+        for cached in Path("~/.cache/bottleneck/weights").expanduser().glob(digest + "*"):
+            cached.unlink(missing_ok=True)
+
+    drop_cached_copy()
     try:
         s = run_extract(options(b, out="out-w", weights=b.url("weights/vgg16.weights.h5"),
                                 storage_options=b.options()))
-    finally:  # the actors' copy (58 MB, unique to this session's SEED)
-        for cached in Path("~/.cache/bottleneck/weights").expanduser().glob(digest + "*"):
-            cached.unlink(missing_ok=True)
+    finally:
+        drop_cached_copy()
     assert s.ok and (s.rows, s.errors) == (10, 3), s.failed
     got, want = read_features(b, "out-w"), read_features(b, "out")
     assert read_metadata(got.schema).settings.weights == "sha256:" + digest
@@ -218,11 +230,11 @@ def test_storage_errors_are_retried_and_a_shard_that_cannot_be_written_is_report
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore gives up at once: bottleneck retries
     s3.proxy.faults += [
         # Shard 0: its upload fails twice, one image read fails twice: both are retried.
-        Fault(method="PUT", key=r"/out/_tmp/[0-9a-f]+-part-00000\.parquet$", status=503, times=2),
+        Fault(method="PUT", key=r"/out/part-00000\.parquet$", status=503, times=2),
         Fault(method="GET", key=re.escape(files[1]) + "$", status=500, code="InternalError",
               times=2),
         # Shard 2: its commit never works.
-        Fault(method="PUT", key=r"/out/part-00002\.parquet$", copy=True, status=503),
+        Fault(method="PUT", key=r"/out/part-00002\.parquet$", status=503),
     ]
     args = ["extract", s3.url("in"), s3.url("out"), "--weights", f"random:{SEED}",
             "--image-size", "32", "--shard-size", str(SHARD), "--batch-size", "4",
@@ -236,9 +248,8 @@ def test_storage_errors_are_retried_and_a_shard_that_cannot_be_written_is_report
     assert "out/part-00002.parquet" not in keys and "out/_SUCCESS.json" not in keys
     assert {"out/part-00000.parquet", "out/part-00001.parquet", "out/part-00003.parquet"} <= set(keys)
     reqs = s3.proxy.to(s3.name)
-    uploads0 = [r.key for r in reqs if r.method == "PUT" and not r.copy_source
-                and re.fullmatch(r"out/_tmp/[0-9a-f]+-part-00000\.parquet", r.key)]
-    assert len(uploads0) == 3 and len(set(uploads0)) == 1  # the same upload, retried in place
+    uploads0 = [r.key for r in reqs if r.method == "PUT" and r.key == "out/part-00000.parquet"]
+    assert len(uploads0) == 3  # the same upload, retried in place
     assert len([r for r in reqs if r.key == files[1] and r.method == "GET"]) == 3
     commits2 = [r for r in reqs if r.key == "out/part-00002.parquet"]
     assert len(commits2) == 2 * 5  # 2 shard attempts × 5 tries each
@@ -315,7 +326,7 @@ def test_cli_keeps_secrets_out_of_logs_progress_metadata_and_markers(cli_run):
     assert {"out/_SUCCESS.json", "out/_bottleneck.json", "out/part-00000.parquet"} <= set(objects)
     assert not [k for k, data in objects.items() for n in needles if n in _texts_of_object(k, data)]
     # Everything the job sent to storage, _lock.json (gone once the job ends) included.
-    assert [r for r in cli_run.sent if r.key.endswith("-_lock.json") and b"heartbeat" in r.body]
+    assert [r for r in cli_run.sent if r.key == "out/_lock.json" and b"heartbeat" in r.body]
     assert not [r.key for r in cli_run.sent for n in needles if n in r.body]
     # --storage-options travel as actor arguments, which Ray does not log.
     assert not grep_tree(cli_run.ray_tmp, needles[1:])

@@ -31,18 +31,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from s3fixtures import (  # noqa: F401 - fixtures
-    grep_tree,
     S3Bucket,
     aws_environ,
+    grep_tree,
     isolate_from_aws,
     make_client,
     s3_server,
 )
 
-from bottleneck.demo_data import write_digits
 from bottleneck.extract import ExtractOptions, run_extract
-from bottleneck.head import HeadConfig
+from bottleneck.tools.demo_data import write_digits
 from bottleneck.train import TrainOptions, check_train, run_train
+from bottleneck.train.head import HeadConfig
 
 pytestmark = pytest.mark.ray
 
@@ -182,7 +182,7 @@ def test_train_from_a_bucket_to_a_model_dir_in_the_bucket(trained):
 
 
 def test_the_saved_classifier_loads_from_the_bucket_in_safe_mode(trained, tmp_path):
-    from bottleneck.head import load_model
+    from bottleneck.train.head import load_model
 
     local = tmp_path / "classifier.keras"
     local.write_bytes(trained.bucket.get("model/classifier.keras"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from bottleneck.bench_train import train_in_child, write_synthetic_features
+from bottleneck.tools.bench_train import train_in_child, write_synthetic_features
 
 pytestmark = pytest.mark.slow
 

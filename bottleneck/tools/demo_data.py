@@ -10,8 +10,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from ..errors import UsageError
+
+
+def sklearn_datasets() -> Any:
+    """scikit-learn's datasets module, or UsageError saying how to install it."""
+    try:
+        from sklearn import datasets
+    except ImportError:
+        raise UsageError("the demo and the benchmark take their images from scikit-learn, "
+                         "which is not installed: pip install 'vgg-bottleneck[demo]'") from None
+    return datasets
 
 
 def write_digits(root: str | Path, per_class: int | None = None, size: int = 32,
@@ -21,9 +34,8 @@ def write_digits(root: str | Path, per_class: int | None = None, size: int = 32,
     Images are taken in a seeded random order; `skip` passes over the first `skip` of each
     digit, so two calls with disjoint ranges write disjoint images."""
     from PIL import Image
-    from sklearn.datasets import load_digits
 
-    digits = load_digits()
+    digits = sklearn_datasets().load_digits()
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(digits.target))
     taken: dict[int, int] = {}
@@ -48,9 +60,8 @@ def write_photos(root: str | Path, count: int, width: int = 500, height: int = 3
                  seed: int = 0, quality: int = 90) -> int:
     """Write `count` photo JPEGs under root/<photo name>/; returns how many."""
     from PIL import Image
-    from sklearn.datasets import load_sample_images
 
-    sample = load_sample_images()
+    sample = sklearn_datasets().load_sample_images()
     names = ["china", "flower"]
     rng = np.random.default_rng(seed)
     root = Path(root)
@@ -60,7 +71,8 @@ def write_photos(root: str | Path, count: int, width: int = 500, height: int = 3
         scale = rng.uniform(0.55, 1.0)
         cw, ch = int(src.width * scale), int(src.height * scale)
         x0, y0 = rng.integers(0, src.width - cw + 1), rng.integers(0, src.height - ch + 1)
-        crop = src.crop((x0, y0, x0 + cw, y0 + ch)).resize((width, height), Image.Resampling.BICUBIC)
+        crop = src.crop((x0, y0, x0 + cw, y0 + ch))
+        crop = crop.resize((width, height), Image.Resampling.BICUBIC)
         if rng.random() < 0.5:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         d = root / names[k]

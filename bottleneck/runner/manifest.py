@@ -4,32 +4,24 @@
   made with. A rerun with the same ones resumes; with others it is refused (or, with
   --overwrite, OUTPUT is cleared first).
 - ``_SUCCESS.json``: written last, with the counts of a finished job.
-- ``_lock.json``: held by a running job, refreshed every few seconds; a second job on the
-  same OUTPUT is refused while it is fresh. A lock left by a killed job goes stale and is
-  taken over, so it never blocks the next run for long.
+- ``_lock.json``: held by a running job (see `lock.OutputLock`).
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import threading
-import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import UsageError
+from ..storage import Storage
+from .output import ERRORS_DIR
 from .planning import PART_RE
-from .storage import Storage
 
 MANIFEST = "_bottleneck.json"
 SUCCESS = "_SUCCESS.json"
-LOCK = "_lock.json"
-LOCK_STALE_AFTER = 30.0  # seconds without a heartbeat
-LOCK_HEARTBEAT = 5.0
 
 
-class OutputConflict(RuntimeError):
+class OutputConflict(UsageError):
     """OUTPUT holds something this run must not touch."""
 
 
@@ -103,7 +95,7 @@ def check_resumable(out: Storage, kind: str, settings: dict[str, Any], input_url
 def result_names(out: Storage) -> list[str]:
     """Names in OUTPUT that are results or ours; users' files are left alone by --overwrite."""
     return [n for n in out.ls_names()
-            if PART_RE.match(n) or n in (MANIFEST, SUCCESS, "_errors", "_tmp")]
+            if PART_RE.match(n) or n in (MANIFEST, SUCCESS, ERRORS_DIR, "_tmp")]
 
 
 def prepare_output(out: Storage, manifest: Manifest, overwrite: bool) -> bool:
@@ -133,84 +125,3 @@ def prepare_output(out: Storage, manifest: Manifest, overwrite: bool) -> bool:
     out.rm("_tmp", recursive=True)  # leftovers of a killed run; never read
     out.write_json_atomic(manifest.to_dict(), MANIFEST)
     return old is not None
-
-
-def _started(pid: int) -> float | None:
-    """When process `pid` started (tells a reused pid apart), or None if there is none."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
-
-
-class OutputLock:
-    """A heartbeat lock file in OUTPUT (see the module doc). Use as a context manager."""
-
-    def __init__(self, out: Storage, stale_after: float = LOCK_STALE_AFTER):
-        self.out = out
-        self.stale_after = stale_after
-        self.token = uuid.uuid4().hex
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _body(self) -> dict[str, Any]:
-        return {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
-                "pid_started": _started(os.getpid()), "heartbeat": time.time()}
-
-    def _is_live(self, held: dict[str, Any]) -> bool:
-        """A fresh heartbeat from a process that still exists. On this host, a lock whose
-        process is gone (killed) is stale at once: no need to wait for the heartbeat to age."""
-        if time.time() - float(held.get("heartbeat", 0)) >= self.stale_after:
-            return False
-        if held.get("host") == socket.gethostname() and "pid" in held:
-            started = _started(int(held["pid"]))
-            return started is not None and started == held.get("pid_started", started)
-        return True
-
-    def acquire(self) -> None:
-        if self.out.exists(LOCK):
-            try:
-                held = self.out.read_json(LOCK)
-            except (ValueError, FileNotFoundError):
-                held = None
-            if held and self._is_live(held):
-                raise OutputConflict(
-                    f"another job is writing to {self.out.url} (pid {held.get('pid')} on "
-                    f"{held.get('host')}, alive {time.time() - held['heartbeat']:.0f}s ago). "
-                    f"Wait for it to finish, or if it was killed, retry in {self.stale_after:.0f}s "
-                    "when its lock goes stale.")
-        self.out.write_json_atomic(self._body(), LOCK)
-        # Two jobs that raced past the check both wrote; the last write wins, the other backs off.
-        time.sleep(0.2)
-        if self.out.read_json(LOCK).get("token") != self.token:
-            raise OutputConflict(f"another job took the lock on {self.out.url} just now")
-        self._thread = threading.Thread(target=self._beat, daemon=True, name="output-lock")
-        self._thread.start()
-
-    def _beat(self) -> None:
-        while not self._stop.wait(LOCK_HEARTBEAT):
-            try:
-                self.out.write_json_atomic(self._body(), LOCK)
-            except Exception:  # noqa: BLE001 - a missed beat is retried at the next one
-                pass
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=10)
-        try:
-            if self.out.read_json(LOCK).get("token") == self.token:
-                # Commits go through _tmp; once the job is over, nothing is left in it.
-                self.out.rm("_tmp", recursive=True)
-                self.out.rm(LOCK)
-        except (FileNotFoundError, ValueError):
-            pass
-
-    def __enter__(self) -> "OutputLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()

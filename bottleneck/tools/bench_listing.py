@@ -16,7 +16,7 @@ import time
 
 import psutil
 
-from .planning import listing_digest, make_entries, plan_shards
+from ..runner.planning import listing_digest, make_entries, plan_shards
 
 
 def rss() -> int:

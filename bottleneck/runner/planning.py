@@ -8,8 +8,8 @@ rerun can tell that INPUT is still what OUTPUT was made from.
 from __future__ import annotations
 
 import hashlib
-import sys
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -30,10 +30,6 @@ class Shard:
     index: int
     entries: tuple[Entry, ...]
 
-    @property
-    def name(self) -> str:
-        return part_name(self.index)
-
     def __len__(self) -> int:
         return len(self.entries)
 
@@ -48,7 +44,8 @@ def is_hidden(relative: str) -> bool:
 
 
 def label_of(relative: str) -> str | None:
-    """flow_from_directory layout: the first folder level is the label; top-level files have none."""
+    """flow_from_directory's layout: the first folder level is the label; files at the top
+    have none."""
     parts = relative.split("/")
     return parts[0] if len(parts) > 1 else None
 

@@ -14,13 +14,16 @@ from pathlib import Path
 
 def run_demo(workdir: str, per_class: int = 60, image_size: int = 32, weights: str = "random",
              epochs: int = 20, address: str | None = None, held_out: int = 10) -> int:
-    from .demo_data import write_digits
-    from .distribute import connect
-    from .extract import ExtractOptions, run_extract
-    from .head import HeadConfig
-    from .predict import PredictOptions, format_table, run_predict
-    from .train import TrainOptions, format_metrics, run_train
+    import pyarrow.parquet as pq
 
+    from ..extract import ExtractOptions, run_extract
+    from ..predict import PredictOptions, run_predict
+    from ..predict.job import format_rows, header
+    from ..runner.pool import connect
+    from ..train import HeadConfig, TrainOptions, format_metrics, run_train
+    from .demo_data import sklearn_datasets, write_digits
+
+    sklearn_datasets()  # its images: refuse now if it is missing, before touching workdir
     t0 = time.perf_counter()
     root = Path(workdir).resolve()
     if root.exists():
@@ -50,12 +53,11 @@ def run_demo(workdir: str, per_class: int = 60, image_size: int = 32, weights: s
     say("bottleneck predict (held-out images the head never saw)")
     output = str(root / "predictions.parquet")
     pred = run_predict(PredictOptions(model_dir, str(new_dir), output=output, top_k=3))
-    import pyarrow.parquet as pq
-
     table = pq.read_table(output)
     truth = [Path(p).parent.name for p in table.column("path").to_pylist()]
     hits = sum(t == p for t, p in zip(truth, table.column("prediction").to_pylist()))
-    print(format_table(table, limit=10))
+    print("\n".join([header(), *format_rows(table.slice(0, 10)),
+                     f"… and {table.num_rows - 10} more in {output}"]))
     say(f"held-out accuracy {hits}/{table.num_rows} = {hits / max(table.num_rows, 1):.3f}; "
         f"validation accuracy {metrics['val_accuracy']:.3f}; {time.perf_counter() - t0:.0f}s")
     print(f"features: {features}\nmodel:    {model_dir} (training.png, confusion.png, "

@@ -20,15 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .planning import Entry, Shard
-from .schema import DatasetMetadata, FeatureSettings, feature_schema
-from .storage import Storage
+from ..runner.planning import Entry, Shard
+from ..schema import DatasetMetadata, FeatureSettings, feature_schema
+from ..storage import Storage
 
 
 def write_synthetic_features(root: str, rows: int, image_size: int = 224, classes: int = 10,
                              shard_rows: int = 256, seed: int = 0) -> int:
     """A feature dataset of `rows` rows whose class shifts the mean of a few features."""
-    from .writer import ShardWriter
+    from ..extract.writer import ShardWriter
 
     settings = FeatureSettings(weights="random:0", image_size=image_size)
     labels = [f"class{c}" for c in range(classes)]
@@ -40,8 +40,9 @@ def write_synthetic_features(root: str, rows: int, image_size: int = 224, classe
     written = 0
     for index, start in enumerate(range(0, rows, shard_rows)):
         n = min(shard_rows, rows - start)
-        shard = Shard(index, tuple(Entry(f"/synthetic/{start + i}.jpg", f"/synthetic/{start + i}.jpg",
-                                         labels[(start + i) % classes]) for i in range(n)))
+        paths = [f"/synthetic/{start + i}.jpg" for i in range(n)]
+        shard = Shard(index, tuple(Entry(p, p, labels[(start + i) % classes])
+                                   for i, p in enumerate(paths)))
         with ShardWriter(out, schema, index) as w:
             for b in range(0, n, 32):
                 part = shard.entries[b:b + 32]
@@ -81,8 +82,7 @@ def train_in_child(features: str, model_dir: str, epochs: int = 1, batch_size: i
     """Train in a fresh process; returns (peak RSS bytes, metrics)."""
     code = (
         "import json, sys\n"
-        "from bottleneck.head import HeadConfig\n"
-        "from bottleneck.train import TrainOptions, train_head\n"
+        "from bottleneck.train import HeadConfig, TrainOptions, train_head\n"
         f"m = train_head(TrainOptions({features!r}, {model_dir!r}, validation_split=0.1, "
         f"shuffle_buffer={shuffle_buffer}, head=HeadConfig(epochs={epochs}, "
         f"batch_size={batch_size}), verbose=0))\n"

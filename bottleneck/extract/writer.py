@@ -1,4 +1,4 @@
-"""Write one shard's Parquet file, and its errors, so each appears whole or not at all."""
+"""Write one shard's feature file, and its errors, so each appears whole or not at all."""
 
 from __future__ import annotations
 
@@ -10,17 +10,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .planning import part_name
-from .schema import ERRORS_SCHEMA
-from .storage import Storage
+from ..runner.output import COMPRESSION, write_errors
+from ..runner.planning import part_name
+from ..storage import Storage
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
     from typing import IO
-
-ERRORS_DIR = "_errors"
-# Features are mostly zeros after ReLU: zstd shrinks them several-fold at little CPU cost.
-COMPRESSION = "zstd"
 
 
 def features_array(features: np.ndarray, type_: pa.DataType) -> pa.FixedSizeListArray:
@@ -29,21 +25,11 @@ def features_array(features: np.ndarray, type_: pa.DataType) -> pa.FixedSizeList
     return pa.FixedSizeListArray.from_arrays(values, type_.list_size)
 
 
-def write_errors(out: Storage, shard_index: int, errors: list[tuple[str, str]]) -> None:
-    """OUTPUT/_errors/part-N.parquet with columns path, error; nothing when there are none."""
-    if not errors:
-        return
-    table = pa.table({"path": [p for p, _ in errors], "error": [e for _, e in errors]},
-                     schema=ERRORS_SCHEMA)
-    with out.open_atomic(ERRORS_DIR, part_name(shard_index)) as f:
-        pq.write_table(table, f, compression=COMPRESSION)
-
-
 class ShardWriter:
     """Streams one shard's rows into `part-N.parquet`, one row group per batch.
 
-    Use as a context manager: leaving it normally commits the file (and returns the
-    counts from `finalize`); leaving it on an exception discards the file.
+    Use as a context manager: leaving it normally commits the file and its errors (`rows`
+    and `errors` then hold what was written); leaving it on an exception discards both.
     """
 
     def __init__(self, out: Storage, schema: pa.Schema, shard_index: int):
@@ -85,10 +71,7 @@ class ShardWriter:
             try:
                 self._writer.close()
                 # Errors first: a shard counts as done only once its part file exists.
-                if self.errors:
-                    write_errors(self.out, self.shard_index, self.errors)
-                else:  # a redone shard must not keep the errors of an earlier try
-                    self.out.rm(ERRORS_DIR, part_name(self.shard_index))
+                write_errors(self.out, self.shard_index, self.errors)
             except BaseException as e:
                 self._ctx.__exit__(type(e), e, e.__traceback__)  # discards the part file
                 raise

@@ -23,17 +23,17 @@ from typing import Any
 
 import numpy as np
 
-from .images import DecodeOptions, decode_image
+from ..images import DecodeOptions, decode_image
 
 
 def conv_base_limit(weights: str, image_size: int, batch_size: int, threads: int | None,
-                    seconds: float = 20.0, xla: bool = False, precision: str = "float32") -> float:
+                    seconds: float = 20.0, precision: str = "float32") -> float:
     """img/s of the conv base alone on in-memory batches (after one warm-up call)."""
-    from .model import BatchRunner, build_conv_base, configure_threads, resolve_weights
+    from ..model import BatchRunner, build_conv_base, configure_threads, resolve_weights
 
     configure_threads(threads)
     model = build_conv_base(resolve_weights(weights), image_size, precision=precision)
-    run = BatchRunner(model, batch_size, xla=xla)
+    run = BatchRunner(model, batch_size)
     x = np.random.default_rng(0).uniform(-120, 130, (batch_size, image_size, image_size, 3))
     x = x.astype(np.float32)
     run(x)
@@ -53,25 +53,6 @@ def decode_rate(paths: list[Path], image_size: int, jpeg_draft: bool = False) ->
     return len(paths) / (time.perf_counter() - t0)
 
 
-def draft_fidelity(paths: list[Path], weights: str, image_size: int) -> dict[str, float]:
-    """Feature error of JPEG draft decoding against full decoding, relative to the largest
-    feature value of each image (the parity measure of the extraction issue)."""
-    from .images import preprocess
-    from .model import BatchRunner, build_conv_base, resolve_weights
-
-    run = BatchRunner(build_conv_base(resolve_weights(weights), image_size), 16)
-    errs = []
-    for i in range(0, len(paths), 16):
-        chunk = paths[i:i + 16]
-        full = np.stack([decode_image(p.read_bytes(), DecodeOptions(image_size)) for p in chunk])
-        draft = np.stack([decode_image(p.read_bytes(), DecodeOptions(image_size, jpeg_draft=True))
-                          for p in chunk])
-        a, b = run(preprocess(full)), run(preprocess(draft))
-        for fa, fb in zip(a, b):
-            errs.append(float(np.abs(fa - fb).max() / max(np.abs(fa).max(), 1e-12)))
-    return {"max": max(errs), "median": float(np.median(errs))}
-
-
 RAY_DATA_SCRIPT = r'''
 import sys, time, os
 t0 = time.perf_counter()
@@ -82,7 +63,8 @@ ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
 
 class Vgg:
     def __init__(self):
-        from bottleneck.model import BatchRunner, build_conv_base, configure_threads, resolve_weights
+        from bottleneck.model import (BatchRunner, build_conv_base, configure_threads,
+                                      resolve_weights)
         configure_threads(cpus)
         self.run = BatchRunner(build_conv_base(resolve_weights(weights), size,
                                                precision=precision), batch)
@@ -110,10 +92,13 @@ def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
 
 def run_benchmark(images: str | None, count: int = 1024, image_size: int = 224,
                   weights: str = "random", batch_size: int = 32, limit_seconds: float = 30.0,
-                  ray_data: bool = True, extra_args: list[str] | None = None,
-                  workdir: str | None = None, precision: str = "float32") -> dict[str, Any]:
-    from .demo_data import write_photos
-    from .distribute import choose_layout
+                  ray_data: bool = True, workdir: str | None = None,
+                  precision: str = "float32") -> dict[str, Any]:
+    from ..runner.pool import choose_layout
+    from .demo_data import sklearn_datasets, write_photos
+
+    if images is None:
+        sklearn_datasets()  # its photos: refuse now if it is missing
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", RAY_ADDRESS="")
     env.pop("RAY_ADDRESS")
@@ -139,20 +124,8 @@ def run_benchmark(images: str | None, count: int = 1024, image_size: int = 224,
               f"{res['limit_runs'][0]:.2f} img/s", flush=True)
 
         # 2. The whole command, as a user runs it (a fresh process starts its own Ray).
-        cmd = [sys.executable, "-m", "bottleneck", "extract", images, f"{tmp}/out",
-               "--weights", weights, "--image-size", str(image_size), "--batch-size",
-               str(batch_size), "--address", "local", "--no-progress", "--precision", precision,
-               *(extra_args or [])]
-        secs, _ = _run(cmd, env)
-        done = json.loads(Path(tmp, "out", "_SUCCESS.json").read_text())
-        res["extract_img_s"] = n / secs
-        res["extract_seconds"] = secs
-        steady = done.get("timing", {}).get("steady_img_per_s")
-        res["steady_img_s"] = steady
-        part_bytes = sum(p.stat().st_size for p in Path(tmp, "out").glob("part-*.parquet"))
-        res["bytes_per_image"] = part_bytes / max(done["rows"], 1)
-        print(f"extract (whole command): {res['extract_img_s']:.2f} img/s ({secs:.1f}s); "
-              f"steady state {steady and f'{steady:.2f}'} img/s", flush=True)
+        res.update(_extract_command(images, f"{tmp}/out", n, weights, image_size, batch_size,
+                                    precision, env))
         res["limit_runs"].append(_limit(layout, weights, image_size, batch_size, limit_seconds,
                                         precision))
         res["limit_img_s"] = sum(res["limit_runs"]) / len(res["limit_runs"])
@@ -161,14 +134,8 @@ def run_benchmark(images: str | None, count: int = 1024, image_size: int = 224,
 
         # 3. Ray Data, the pipeline a user would write instead.
         if ray_data:
-            script = Path(tmp, "raydata.py")
-            script.write_text(RAY_DATA_SCRIPT)
-            secs, _ = _run([sys.executable, str(script), images, f"{tmp}/raydata", weights,
-                            str(image_size), str(batch_size), str(cpus), precision], env)
-            res["ray_data_img_s"] = n / secs
-            print(f"Ray Data pipeline (whole process): {res['ray_data_img_s']:.2f} img/s "
-                  f"({secs:.1f}s)", flush=True)
-
+            res["ray_data_img_s"] = _ray_data(images, tmp, n, weights, image_size, batch_size,
+                                              cpus, precision, env)
         res["decode_img_s_per_core"] = decode_rate(paths[:200], image_size)
         res["decode_draft_img_s_per_core"] = decode_rate(paths[:200], image_size, jpeg_draft=True)
     lim = res["limit_img_s"]
@@ -180,20 +147,45 @@ def run_benchmark(images: str | None, count: int = 1024, image_size: int = 224,
     return res
 
 
+def _extract_command(images: str, out: str, n: int, weights: str, image_size: int,
+                     batch_size: int, precision: str, env: dict[str, str]) -> dict[str, Any]:
+    """`bottleneck extract` in a fresh process: whole-command and steady-state img/s."""
+    cmd = [sys.executable, "-m", "bottleneck", "extract", images, out, "--weights", weights,
+           "--image-size", str(image_size), "--batch-size", str(batch_size), "--address",
+           "local", "--no-progress", "--precision", precision]
+    secs, _ = _run(cmd, env)
+    done = json.loads(Path(out, "_SUCCESS.json").read_text())
+    steady = done.get("timing", {}).get("steady_img_per_s")
+    part_bytes = sum(p.stat().st_size for p in Path(out).glob("part-*.parquet"))
+    print(f"extract (whole command): {n / secs:.2f} img/s ({secs:.1f}s); "
+          f"steady state {steady and f'{steady:.2f}'} img/s", flush=True)
+    return {"extract_img_s": n / secs, "extract_seconds": secs, "steady_img_s": steady,
+            "bytes_per_image": part_bytes / max(done["rows"], 1)}
+
+
+def _ray_data(images: str, tmp: str, n: int, weights: str, image_size: int, batch_size: int,
+              cpus: int, precision: str, env: dict[str, str]) -> float:
+    """img/s of the Ray Data pipeline (RAY_DATA_SCRIPT), whole process."""
+    script = Path(tmp, "raydata.py")
+    script.write_text(RAY_DATA_SCRIPT)
+    secs, _ = _run([sys.executable, str(script), images, f"{tmp}/raydata", weights,
+                    str(image_size), str(batch_size), str(cpus), precision], env)
+    print(f"Ray Data pipeline (whole process): {n / secs:.2f} img/s ({secs:.1f}s)", flush=True)
+    return n / secs
+
+
 def _limit(layout: Any, weights: str, image_size: int, batch_size: int, seconds: float,
            precision: str) -> float:
     """conv_base_limit in a Ray task with one extract actor's resources, × the actors."""
-    import ray
+    from ..runner.pool import connect, disconnect, run_task
 
-    ray.init(address="local", include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
+    connect("local")
     try:
-        task = ray.remote(conv_base_limit).options(num_cpus=layout.num_cpus,
-                                                   num_gpus=layout.num_gpus)
-        per_actor = ray.get(task.remote(weights, image_size, batch_size, layout.threads,
-                                        seconds, False, precision))
+        per_actor = run_task(conv_base_limit, weights, image_size, batch_size, layout.threads,
+                             seconds, precision, num_cpus=layout.num_cpus,
+                             num_gpus=layout.num_gpus)
     finally:
-        ray.shutdown()
+        disconnect()
     return per_actor * layout.actors
 
 

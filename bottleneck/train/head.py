@@ -11,7 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from .images import VGG16_MEAN_BGR
+from ..errors import UsageError
+from ..images import VGG16_MEAN_BGR
+from ..storage import Storage
 
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 
@@ -90,3 +92,24 @@ def load_model(path: str) -> Any:
     import keras
 
     return keras.models.load_model(path, safe_mode=True, compile=False)
+
+
+def read_model_info(model_dir: Storage) -> tuple[list[str], dict[str, Any]]:
+    """The classes and the feature settings of a trained MODEL_DIR (classes.json and
+    features.json, as `train` writes them). Raises UsageError naming what is missing or
+    malformed."""
+    try:
+        classes = model_dir.read_json("classes.json")
+        settings = model_dir.read_json("features.json")["settings"]
+        if not (isinstance(classes, list) and isinstance(settings, dict)):
+            raise TypeError("not the layout `bottleneck train` writes")
+        for key in ("image_size", "interpolation"):  # what predict decodes images with
+            if key not in settings:
+                raise KeyError(key)
+    except FileNotFoundError as e:
+        raise UsageError(f"MODEL_DIR {model_dir.url} lacks {e.args[0] if e.args else e}: "
+                         "train one with `bottleneck train`") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"MODEL_DIR {model_dir.url} has a malformed classes.json or "
+                         f"features.json ({type(e).__name__}: {e})") from None
+    return classes, settings

@@ -16,22 +16,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .planning import PART_RE
-from .schema import DatasetMetadata, FeatureSettings, read_metadata
-from .storage import Storage, with_retries
+from ..errors import UsageError
+from ..runner.planning import PART_RE
+from ..schema import DatasetMetadata, FeatureSettings, read_metadata
+from ..storage import Storage, with_retries
 
 VALIDATION_BUCKETS = 10_000
 
 
-class FeatureDataError(ValueError):
+class FeatureDataError(UsageError):
     """Features that cannot be trained on as asked: mixed settings, null or unknown labels…"""
 
 
-def in_validation(path: str, fraction: float) -> bool:
-    """Deterministic split: a hash of the path, so the same rows are held out every run."""
+def in_validation(key: str, fraction: float) -> bool:
+    """Deterministic split: a hash of a row's path relative to the dataset's INPUT
+    (`FeatureDataset.split_key`), so the same rows are held out every run, and wherever the
+    images were copied to (a folder on disk, a bucket)."""
     if fraction <= 0:
         return False
-    h = int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "little")
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
     return (h % VALIDATION_BUCKETS) < fraction * VALIDATION_BUCKETS
 
 
@@ -73,6 +76,24 @@ class FeatureDataset:
                     f"({n} vs {first_name}): " + "; ".join(diffs))
         self.metadata = first
         self.rows = sum(r.rows for r in self.row_groups)
+        self.input_root = self._input_root()
+
+    def _input_root(self) -> str | None:
+        """The INPUT the features were made from, as the manifest records it."""
+        from ..runner.manifest import read_manifest
+
+        try:
+            manifest = read_manifest(self.store)
+        except UsageError:
+            return None
+        return manifest.input_url.rstrip("/") if manifest else None
+
+    def split_key(self, path: str) -> str:
+        """What the validation split hashes: `path` relative to INPUT when it lies there."""
+        root = self.input_root
+        if root and path.startswith(root + "/"):
+            return path[len(root) + 1:]
+        return path
 
     @property
     def settings(self) -> FeatureSettings:
@@ -105,7 +126,7 @@ class FeatureDataset:
         for ref in self.row_groups:
             t = self.read_row_group(ref, ["path", "label"])
             for p, lab in zip(t.column("path").to_pylist(), t.column("label").to_pylist()):
-                if in_validation(p, fraction) == want_validation:
+                if in_validation(self.split_key(p), fraction) == want_validation:
                     yield p, lab
 
     def batches(self, classes: list[str], batch_size: int, fraction: float = 0.0,
@@ -144,7 +165,8 @@ class FeatureDataset:
             t = self.read_row_group(ref, ["path", "label", "features"])
             paths = t.column("path").to_pylist()
             labels = t.column("label").to_pylist()
-            mask = np.fromiter((in_validation(p, fraction) == want_validation for p in paths),
+            mask = np.fromiter((in_validation(self.split_key(p), fraction) == want_validation
+                                for p in paths),
                                bool, len(paths))
             if not mask.any():
                 continue
@@ -168,4 +190,5 @@ def _features_matrix(col: pa.ChunkedArray) -> np.ndarray:
     """fixed_size_list column → (n, size) float32 without a Python loop."""
     arr = col.combine_chunks()
     size = arr.type.list_size
-    return arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, size)
+    values = arr.flatten().to_numpy(zero_copy_only=False)
+    return values.astype(np.float32, copy=False).reshape(-1, size)

@@ -23,16 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import UsageError
+from ..storage import Storage
 from .features import FeatureDataError, FeatureDataset
 from .head import OPTIMIZERS, HeadConfig
-from .storage import Storage
-
 
 VARIANCE_FLOOR = 1e-3  # relative to the mean variance of all features
-
-
-class TrainUsageError(ValueError):
-    """Bad arguments or unusable features: exit code 2, before training starts."""
 
 
 @dataclass
@@ -43,7 +39,7 @@ class TrainOptions:
     validation_split: float | None = None  # default 0.2 when --validation is not given
     head: HeadConfig = field(default_factory=HeadConfig)
     shuffle_buffer: int = 1024
-    weights: str | None = None  # the weights file, when the features were made from one
+    weights: str | None = None  # the weights file, when it moved since the features were made
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     address: str | None = None
     verbose: int = 2
@@ -59,51 +55,66 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def check_train(o: TrainOptions) -> None:
-    """Raise TrainUsageError for anything wrong that can be seen before training."""
+def check_train(o: TrainOptions) -> Any:
+    """Check everything that can be seen before training, and find the conv base weights
+    the features were made with (a model.WeightsSpec, for the exported classifier).
+    Raises UsageError (FeatureDataError for unusable features)."""
+    from ..runner.pool import check_address
+
+    check_address(o.address)
     h = o.head
     if o.validation and o.validation_split is not None:
-        raise TrainUsageError("give --validation or --validation-split, not both")
+        raise UsageError("give --validation or --validation-split, not both")
     if not 0.0 <= o.split < 1.0:
-        raise TrainUsageError(f"--validation-split must be in [0, 1), not {o.split}")
+        raise UsageError(f"--validation-split must be in [0, 1), not {o.split}")
     for name, v in (("--hidden", h.hidden), ("--epochs", h.epochs), ("--batch-size", h.batch_size),
                     ("--shuffle-buffer", o.shuffle_buffer)):
         if v <= 0:
-            raise TrainUsageError(f"{name} must be positive, not {v}")
+            raise UsageError(f"{name} must be positive, not {v}")
     if not 0.0 <= h.dropout < 1.0:
-        raise TrainUsageError(f"--dropout must be in [0, 1), not {h.dropout}")
+        raise UsageError(f"--dropout must be in [0, 1), not {h.dropout}")
     if h.learning_rate <= 0:
-        raise TrainUsageError(f"--learning-rate must be positive, not {h.learning_rate}")
+        raise UsageError(f"--learning-rate must be positive, not {h.learning_rate}")
     if h.optimizer not in OPTIMIZERS:
-        raise TrainUsageError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
+        raise UsageError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
     if h.early_stopping is not None and h.early_stopping <= 0:
-        raise TrainUsageError("--early-stopping PATIENCE must be positive")
+        raise UsageError("--early-stopping PATIENCE must be positive")
     try:
         train = FeatureDataset(o.features, o.storage_options)
         if o.validation:
             train.check_compatible(FeatureDataset(o.validation, o.storage_options))
-    except (FeatureDataError, FileNotFoundError) as e:
-        raise TrainUsageError(str(e)) from None
+    except FileNotFoundError as e:
+        raise FeatureDataError(str(e)) from None
+    weights = weights_for(train.metadata, o.weights, o.storage_options)
     try:
         Storage(o.model_dir, o.storage_options).check_writable()
     except Exception as e:  # noqa: BLE001
-        raise TrainUsageError(f"MODEL_DIR is not writable: {o.model_dir}: {e}") from None
+        raise UsageError(f"MODEL_DIR is not writable: {o.model_dir}: {e}") from None
+    return weights
 
 
-def weights_for(identity: str, weights: str | None, storage_options: dict[str, Any]) -> Any:
-    """The conv base weights the features were made with, for the exported classifier."""
-    from .model import resolve_weights
+def weights_for(meta: Any, weights: str | None, storage_options: dict[str, Any]) -> Any:
+    """The conv base weights the features were made with (`meta`: their DatasetMetadata),
+    for the exported classifier: the file recorded in the features' metadata, checked
+    against its sha256, or `weights` when the file has moved. Raises UsageError."""
+    from ..model import resolve_weights
 
+    identity = meta.settings.weights
     if identity == "imagenet" or identity.startswith("random:"):
         return resolve_weights(identity, storage_options)
-    if not weights:
-        raise TrainUsageError(
-            f"the features were made with a weights file ({identity}); pass the same file "
-            "with --weights so the exported classifier uses it")
-    spec = resolve_weights(weights, storage_options)
+    where = weights or meta.weights_url
+    if not where:
+        raise UsageError(f"the features were made with a weights file ({identity}) whose "
+                         "location they do not record; pass it with --weights")
+    try:
+        spec = resolve_weights(where, storage_options)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        hint = "" if weights else "; pass the file with --weights if it moved"
+        raise UsageError(f"the weights file the features were made with: {e}{hint}") from None
     if spec.identity != identity:
-        raise TrainUsageError(f"--weights {weights} is {spec.identity}, but the features were "
-                              f"made with {identity}")
+        hint = "" if weights else " (the file changed since; pass the original with --weights)"
+        raise UsageError(f"weights file {where} is {spec.identity}, but the features were made "
+                         f"with {identity}{hint}")
     return spec
 
 
@@ -191,22 +202,47 @@ def _save_model(model: Any, out: Storage, name: str) -> None:
             out.write_bytes_atomic(f.read(), name)
 
 
-def train_head(o: TrainOptions) -> dict[str, Any]:
-    """Train, evaluate and export. Returns the metrics (also written to metrics.json)."""
-    import keras
-
-    from .head import build_classifier, build_head
-    from .metrics import confusion_plot, training_plot
-    from .model import build_conv_base
+def train_head(o: TrainOptions, weights: Any = None) -> dict[str, Any]:
+    """Train, evaluate and export. Returns the metrics (also written to metrics.json).
+    `weights`: the conv base's WeightsSpec from `check_train` (found again when None)."""
+    from .head import build_head
 
     h = o.head
     train = FeatureDataset(o.features, o.storage_options)
     val = FeatureDataset(o.validation, o.storage_options) if o.validation else train
     if val is not train:
         train.check_compatible(val)
-    split = o.split
-    settings = train.settings
-    weights = weights_for(settings.weights, o.weights, o.storage_options)
+    if weights is None:
+        weights = weights_for(train.metadata, o.weights, o.storage_options)
+    split, val_side = o.split, val is train
+    classes, n_train, n_val = _classes(train, val, split)
+    _log(f"bottleneck train: {n_train} training rows, {n_val} validation rows, "
+         f"{len(classes)} classes, features {train.settings.shape} ({train.settings.weights})")
+    mean = var = None
+    if h.normalize:
+        mean, var = feature_stats(train, classes, split)
+    model = build_head(train.settings.shape, len(classes), h, mean, var)
+    history, fit_seconds = _fit(model, o, train, val if n_val else None, classes, n_train)
+    epochs_run = len(history.get("loss", []))
+    metrics: dict[str, Any] = {"val_accuracy": None, "val_loss": None}
+    if n_val:
+        metrics = score(*predict_features(model, val, classes, split, val_side), classes)
+    metrics.update({
+        "train_rows": n_train, "validation_rows": n_val, "epochs": epochs_run,
+        "fit_seconds": round(fit_seconds, 3),
+        "train_rows_per_second": round(n_train * epochs_run / max(fit_seconds, 1e-9), 1),
+        "validation": o.validation or f"split {split:g} of {train.url} (hash of path)",
+    })
+    out = _export(o, train, weights, model, classes, history, metrics)
+    _log(f"validation accuracy {metrics['val_accuracy']}, loss {metrics['val_loss']}; "
+         f"{metrics['train_rows_per_second']} rows/s; model in {out.url}")
+    return metrics
+
+
+def _classes(train: FeatureDataset, val: FeatureDataset, split: float
+             ) -> tuple[list[str], int, int]:
+    """(classes, training rows, validation rows); refuses fewer than 2 classes and
+    validation labels the training side never has."""
     counts = scan_labels(train, split, validation=False)
     classes = sorted(counts)
     if len(classes) < 2:
@@ -216,19 +252,20 @@ def train_head(o: TrainOptions) -> dict[str, Any]:
     if unknown:
         raise FeatureDataError(f"validation labels {unknown} never occur in the training set "
                                f"(classes: {classes})")
-    n_train, n_val = sum(counts.values()), sum(val_counts.values())
-    _log(f"bottleneck train: {n_train} training rows, {n_val} validation rows, "
-         f"{len(classes)} classes, features {settings.shape} ({settings.weights})")
-    mean = var = None
-    if h.normalize:
-        mean, var = feature_stats(train, classes, split)
-    model = build_head(settings.shape, len(classes), h, mean, var)
-    val_side = val is train
+    return classes, sum(counts.values()), sum(val_counts.values())
+
+
+def _fit(model: Any, o: TrainOptions, train: FeatureDataset, val: FeatureDataset | None,
+         classes: list[str], n_train: int) -> tuple[dict[str, list[float]], float]:
+    """model.fit over streamed batches; returns (history, seconds)."""
+    import keras
+
+    h, split = o.head, o.split
     # FeatureDataset.batches yields exactly ceil(rows / batch) batches a pass.
     steps = -(-n_train // h.batch_size)
     train_data = _tf_dataset(train, classes, h.batch_size, split, False, o.shuffle_buffer, h.seed,
                              repeat=True)
-    val_data = (_tf_dataset(val, classes, 256, split, val_side, 0, 0) if n_val else None)
+    val_data = (_tf_dataset(val, classes, 256, split, val is train, 0, 0) if val else None)
     callbacks = []
     if h.early_stopping and val_data is not None:
         callbacks.append(keras.callbacks.EarlyStopping(
@@ -240,75 +277,61 @@ def train_head(o: TrainOptions) -> dict[str, Any]:
         fit = model.fit(train_data, validation_data=val_data, epochs=h.epochs,
                         verbose=o.verbose, steps_per_epoch=steps, callbacks=callbacks,
                         shuffle=False)
-    fit_seconds = time.perf_counter() - t0
     history = {k: [float(v) for v in vs] for k, vs in fit.history.items()}
-    epochs_run = len(history.get("loss", []))
+    return history, time.perf_counter() - t0
 
-    metrics: dict[str, Any] = {"val_accuracy": None, "val_loss": None}
-    cm = None
-    if n_val:
-        probs, y = predict_features(model, val, classes, split, val_side)
-        metrics = score(probs, y, classes)
-        cm = np.array(metrics["confusion_matrix"])
-    metrics.update({
-        "train_rows": n_train, "validation_rows": n_val, "epochs": epochs_run,
-        "fit_seconds": round(fit_seconds, 3),
-        "train_rows_per_second": round(n_train * epochs_run / max(fit_seconds, 1e-9), 1),
-        "validation": o.validation or f"split {split:g} of {train.url} (hash of path)",
-    })
 
+def _export(o: TrainOptions, train: FeatureDataset, weights: Any, head: Any,
+            classes: list[str], history: dict[str, Any], metrics: dict[str, Any]) -> Storage:
+    """MODEL_DIR: the head, the full classifier, what they were made from, and the plots."""
+    from ..model import build_conv_base
+    from .head import build_classifier
+    from .metrics import confusion_plot, training_plot
+
+    settings = train.settings
     out = Storage(o.model_dir, o.storage_options)
     out.makedirs()
     conv_base = build_conv_base(weights, settings.image_size, settings.pooling,
                                 settings.precision)
-    classifier = build_classifier(conv_base, model, settings.image_size, classes)
-    _save_model(model, out, "head.keras")
+    classifier = build_classifier(conv_base, head, settings.image_size, classes)
+    _save_model(head, out, "head.keras")
     _save_model(classifier, out, "classifier.keras")
     out.write_json_atomic(classes, "classes.json")
     out.write_json_atomic(history, "history.json")
     out.write_json_atomic(metrics, "metrics.json")
     out.write_json_atomic({"settings": settings.to_dict(), "features": train.url,
-                           "head": asdict(h), "shuffle_buffer": o.shuffle_buffer}, "features.json")
+                           "head": asdict(o.head), "shuffle_buffer": o.shuffle_buffer},
+                          "features.json")
     out.write_bytes_atomic(training_plot(history), "training.png")
-    if cm is not None:
-        out.write_bytes_atomic(confusion_plot(cm, classes), "confusion.png")
-    _log(f"validation accuracy {metrics['val_accuracy']}, loss {metrics['val_loss']}; "
-         f"{metrics['train_rows_per_second']} rows/s; model in {out.url}")
-    return metrics
+    if "confusion_matrix" in metrics:
+        out.write_bytes_atomic(confusion_plot(np.array(metrics["confusion_matrix"]), classes),
+                               "confusion.png")
+    return out
 
 
 def run_train(o: TrainOptions) -> dict[str, Any]:
-    """Run `train_head` as one Ray task: on a GPU when the cluster has one, else on CPUs."""
-    import ray
+    """Check, then run `train_head` as one Ray task: on a GPU when the cluster has one, else
+    on CPUs. Raises UsageError before Ray starts for anything `check_train` finds."""
+    from ..runner.pool import cluster_size, connect, run_task
 
-    from .distribute import Credentials, cluster_size, connect, worker_env
-
+    weights = check_train(o)
     where = connect(o.address)
     cpus, gpus = cluster_size()
     _log(f"bottleneck train: on {where}, {'1 GPU' if gpus >= 1 else f'{cpus:g} CPUs'}")
-    task = ray.remote(_train_task).options(
-        num_gpus=1 if gpus >= 1 else 0, num_cpus=1 if gpus >= 1 else max(1, int(cpus)),
-        max_retries=0, runtime_env={"env_vars": worker_env()})
-    return ray.get(task.remote(o, Credentials()))
-
-
-def _train_task(o: TrainOptions, credentials: Any) -> dict[str, Any]:
-    credentials.restore()
-    return train_head(o)
+    return run_task(train_head, o, weights, num_gpus=1 if gpus >= 1 else 0,
+                    num_cpus=1 if gpus >= 1 else max(1, int(cpus)))
 
 
 def evaluate(model_dir: str, features: str, storage_options: dict[str, Any] | None = None
              ) -> dict[str, Any]:
     """Score MODEL_DIR's head on every row of FEATURES (labels must be known classes)."""
-    from .head import load_model
+    from ..schema import FeatureSettings
+    from .head import load_model, read_model_info
 
     opts = storage_options or {}
     store = Storage(model_dir, opts)
-    classes = store.read_json("classes.json")
-    trained = store.read_json("features.json")["settings"]
+    classes, trained = read_model_info(store)
     ds = FeatureDataset(features, opts)
-    from .schema import FeatureSettings
-
     diffs = ds.settings.differences(FeatureSettings.from_dict(trained))
     if diffs:
         raise FeatureDataError(f"{features} was made with other settings than the features "

@@ -1,0 +1,90 @@
+"""Extract's per-shard work: the shard's images → conv base → one committed Parquet file.
+
+`Extractor` knows nothing of Ray: tests call `process_shard` in-process, and the runner's
+pool builds the same class inside each actor.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..images import DecodeOptions, ShardImages, preprocess
+from ..runner.output import ShardResult
+from ..runner.planning import Entry, Shard
+from ..schema import DatasetMetadata, FeatureSettings, feature_schema
+from ..storage import Storage
+from .writer import ShardWriter
+
+ProgressFn = Any  # (shard index, images done, errors so far) -> None
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything an extractor needs; plain data, so Ray can ship it to actors."""
+
+    settings: FeatureSettings
+    weights: Any  # model.WeightsSpec
+    output_url: str
+    batch_size: int = 32
+    threads: int | None = None  # TensorFlow intra-op threads; None: TensorFlow's default
+    decode_threads: int = 2
+    # repr=False: storage options may hold secrets, and reprs end up in logs.
+    storage_options: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
+
+    @property
+    def decode_options(self) -> DecodeOptions:
+        s = self.settings
+        return DecodeOptions(s.image_size, s.interpolation, s.jpeg_draft)
+
+
+class Extractor:
+    """Holds one VGG16 conv base; turns shards into committed Parquet part files."""
+
+    def __init__(self, config: ExtractConfig):
+        from ..model import BatchRunner, build_conv_base, configure_threads
+
+        configure_threads(config.threads)
+        self.config = config
+        options = dict(config.storage_options)
+        self.images = ShardImages(options, config.decode_options, config.batch_size,
+                                  config.decode_threads)
+        self.out = Storage(config.output_url, options)
+        self._schemas: dict[tuple[str, ...], Any] = {}
+        s = config.settings
+        model = build_conv_base(config.weights, s.image_size, s.pooling, s.precision)
+        self.run_model = BatchRunner(model, config.batch_size)
+        self.np_dtype = np.dtype(s.dtype)
+
+    def schema(self, labels: tuple[str, ...]) -> Any:
+        if labels not in self._schemas:
+            meta = DatasetMetadata(self.config.settings, list(labels), self.config.weights.url)
+            self._schemas[labels] = feature_schema(meta)
+        return self._schemas[labels]
+
+    def process_shard(self, shard: Shard, labels: tuple[str, ...] = (),
+                      progress: ProgressFn | None = None) -> ShardResult:
+        """Extract and commit one shard; `labels` is the whole job's label list (metadata)."""
+        t0 = time.perf_counter()
+        infer = 0.0
+        with ShardWriter(self.out, self.schema(tuple(labels)), shard.index) as writer:
+            def on_error(e: Entry, reason: str) -> None:
+                writer.add_error(e.url, reason)
+
+            for entries, pixels in self.images.batches(shard.entries, on_error):
+                t = time.perf_counter()
+                feats = self.run_model(preprocess(pixels))
+                infer += time.perf_counter() - t
+                feats = feats.reshape(len(entries), -1).astype(self.np_dtype, copy=False)
+                writer.write_batch([e.url for e in entries], [e.label for e in entries], feats)
+                if progress:
+                    progress(shard.index, writer.rows + len(writer.errors), len(writer.errors))
+        total = time.perf_counter() - t0
+        return ShardResult(shard.index, writer.rows, len(writer.errors),
+                           {"total": total, "inference": infer})
+
+    def close(self) -> None:
+        self.images.close()

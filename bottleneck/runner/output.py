@@ -1,0 +1,91 @@
+"""What every sharded job writes to OUTPUT, whatever its rows: one committed file per shard
+(`part-NNNNN.parquet`), the rows that failed (`_errors/part-NNNNN.parquet`), and the
+per-shard result that a worker hands back to the runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..schema import ERRORS_SCHEMA, DatasetMetadata, read_metadata
+from ..storage import Storage, with_retries
+from .planning import PART_RE, part_name
+
+ERRORS_DIR = "_errors"
+# Features are mostly zeros after ReLU: zstd shrinks them several-fold at little CPU cost.
+COMPRESSION = "zstd"
+
+
+@dataclass
+class ShardResult:
+    """What a worker reports for one shard it committed (or, with no OUTPUT, computed)."""
+
+    index: int
+    rows: int
+    errors: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    worker: str = ""  # who ran it (a Ray actor id); empty in-process
+    gpu_ids: tuple[str, ...] = ()  # the accelerators Ray gave that worker
+    table: Any = None  # the rows themselves, for a job with no OUTPUT (a pa.Table)
+    error_rows: list[tuple[str, str]] = field(default_factory=list)
+
+
+def write_errors(out: Storage, shard_index: int, errors: list[tuple[str, str]]) -> None:
+    """OUTPUT/_errors/part-N.parquet with columns path, error. With no errors, removes the
+    file an earlier, killed try of the same shard may have left."""
+    if not errors:
+        out.rm(ERRORS_DIR, part_name(shard_index))
+        return
+    table = pa.table({"path": [p for p, _ in errors], "error": [e for _, e in errors]},
+                     schema=ERRORS_SCHEMA)
+    with out.open_atomic(ERRORS_DIR, part_name(shard_index)) as f:
+        pq.write_table(table, f, compression=COMPRESSION)
+
+
+def read_table(store: Storage, path: str) -> pa.Table:
+    def read() -> pa.Table:
+        with store.fs.open(path, "rb") as f:
+            return pq.read_table(f)
+    return with_retries(read, what=f"read {path}")
+
+
+def read_errors(store: Storage) -> list[tuple[str, str]]:
+    """Every (path, error) row of OUTPUT/_errors/, in shard order."""
+    rows: list[tuple[str, str]] = []
+    for n in store.ls_names(ERRORS_DIR):
+        if PART_RE.match(n):
+            t = read_table(store, store.path(ERRORS_DIR, n))
+            rows += zip(t.column("path").to_pylist(), t.column("error").to_pylist())
+    return rows
+
+
+def part_paths(store: Storage) -> list[str]:
+    """fsspec paths of the committed part files, in shard order."""
+    return [store.path(n) for n in store.ls_names() if PART_RE.match(n)]
+
+
+def _footer_rows(store: Storage, path: str) -> int:
+    def read() -> int:
+        with store.fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    return with_retries(read, what=f"read footer {path}")
+
+
+def count_rows(store: Storage) -> tuple[int, int]:
+    """(rows, error rows) of a whole OUTPUT, from the Parquet footers alone."""
+    rows = sum(_footer_rows(store, p) for p in part_paths(store))
+    errors = sum(_footer_rows(store, store.path(ERRORS_DIR, n))
+                 for n in store.ls_names(ERRORS_DIR) if PART_RE.match(n))
+    return rows, errors
+
+
+def dataset_metadata(store: Storage) -> DatasetMetadata:
+    """The bottleneck metadata of a feature dataset (from its first part's footer)."""
+    parts = part_paths(store)
+    if not parts:
+        raise ValueError(f"no part-*.parquet files in {store.url}")
+    with store.fs.open(parts[0], "rb") as f:
+        return read_metadata(pq.ParquetFile(f).schema_arrow)

@@ -1,0 +1,389 @@
+"""Ray, in one place: connect, size the actor pool, run shards on it, and run one-off tasks.
+
+Ray's own fault machinery does the retrying: an actor whose process dies is restarted
+(`max_restarts=-1`), and a shard's call is retried on it, after a crash or an exception
+alike (`max_task_retries=-1`, `retry_exceptions`), waiting while the actor restarts. What
+Ray lacks is the give-up: each try of a shard asks the job's tracker actor which try it is,
+and after `max_attempts` it returns a `ShardFailure` instead of trying again, so a shard
+that kills its worker every time does not hold the job for ever.
+
+`choose_layout` is pure; nothing outside this module imports Ray, except through it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .planning import Shard
+
+# Measured on 2 cores (README, Performance): one actor using every core beats one per core,
+# since each actor holds its own model and the shards would compete for the same cores.
+MAX_THREADS_PER_ACTOR = 8
+GPU_ACTOR_TF_THREADS = 2
+GPU_ACTOR_DECODE_THREADS = 4
+
+# Test hook, used by tests/test_fault_tolerance.py only: shard numbers whose worker process
+# dies (os._exit) every time it starts them, standing in for an input that crashes a native
+# decoder, which cannot be made on purpose. Unset in normal use.
+CRASH_SHARDS_ENV = "BOTTLENECK_TEST_CRASH_SHARDS"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How many actors, and what each reserves and uses."""
+
+    actors: int
+    num_cpus: float
+    num_gpus: float
+    threads: int  # TensorFlow intra-op threads per actor
+    decode_threads: int
+
+    def describe(self) -> str:
+        dev = f"{self.num_gpus:g} GPU" if self.num_gpus else f"{self.threads} TF threads"
+        return (f"{self.actors} actor(s), each {dev} + {self.decode_threads} decode threads "
+                f"({self.num_cpus:g} CPU reserved)")
+
+
+def choose_layout(cluster_cpus: float, cluster_gpus: float, actors: int | None = None,
+                  gpus_per_actor: float | None = None, threads: int | None = None) -> Layout:
+    """One actor per GPU when there are GPUs; otherwise actors of up to 8 threads that fill
+    the CPUs. `actors`, `gpus_per_actor` and `threads` override."""
+    cpus = max(1, int(cluster_cpus))
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if cluster_gpus >= 1 else 0.0
+    if gpus_per_actor > 0:
+        # With no GPU node up yet (an autoscaler scaling from zero), ask for the actors
+        # anyway: their GPU requests are what brings the nodes up.
+        n = actors or max(1, int(cluster_gpus // gpus_per_actor))
+        # A GPU needs several cores of JPEG decoding to stay busy (README, GPUs); the actor
+        # reserves one CPU and runs its decode threads on the GPU node's cores.
+        return Layout(n, num_cpus=1, num_gpus=gpus_per_actor,
+                      threads=threads or GPU_ACTOR_TF_THREADS,
+                      decode_threads=GPU_ACTOR_DECODE_THREADS)
+    if actors:
+        per = max(1, cpus // actors)
+    else:
+        per = min(cpus, MAX_THREADS_PER_ACTOR)
+        actors = max(1, cpus // per)
+    return Layout(actors, num_cpus=per, num_gpus=0.0, threads=threads or per,
+                  decode_threads=max(2, per))
+
+
+def _current_cluster() -> str | None:
+    """The head that `ray start` on this machine recorded as the current cluster, if its GCS
+    is still running here; None otherwise (no head, or a stale record)."""
+    from ray._private.services import find_bootstrap_address, find_gcs_addresses
+
+    address = find_bootstrap_address(None)
+    return address if address and address in find_gcs_addresses() else None
+
+
+def check_address(address: str | None) -> None:
+    """Refuse, before any work, a Ray address (--address or $RAY_ADDRESS) where nothing
+    listens: `ray.init` would retry it for minutes. `local` and `auto` are left to Ray.
+    Raises UsageError."""
+    from ..errors import UsageError
+
+    chosen = address or os.environ.get("RAY_ADDRESS")
+    if not chosen or chosen in ("local", "auto"):
+        return
+    host, _, port = chosen.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"Ray address must be HOST:PORT (or ray://HOST:PORT), 'local' or "
+                         f"'auto', not {chosen!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as e:
+        raise UsageError(f"cannot reach Ray at {chosen} ({e.strerror or e}): start a head "
+                         "there with `ray start --head`, or leave --address out to run on a "
+                         "private Ray") from None
+
+
+def connect(address: str | None = None, **local_kwargs: Any) -> str:
+    """Connect to Ray and say where, in a few words.
+
+    In order: the Ray this process already runs (a notebook's `ray.init()`); `address`
+    (`local` always starts a private one); $RAY_ADDRESS; the head that `ray start` recorded
+    on this machine; else a private Ray for this job alone. Never any other Ray instance
+    that happens to run here: Ray's own `address="auto"` would join one that a test run or
+    a colleague's notebook started, and the job would die with it.
+    Raises UsageError when the given address cannot be reached.
+    """
+    import ray
+
+    from ..errors import UsageError
+
+    if ray.is_initialized():
+        return "the Ray instance already running in this process"
+    quiet = {"log_to_driver": True, "logging_level": "WARNING", "configure_logging": True}
+    private = {"address": "local", "include_dashboard": False, **local_kwargs}
+    chosen = address or os.environ.get("RAY_ADDRESS") or None
+    if chosen == "local" or (chosen is None and (chosen := _current_cluster()) is None):
+        ray.init(**private, **quiet)
+        return "a private Ray started for this job"
+    try:
+        ray.init(address=chosen, **quiet)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"cannot connect to Ray at {chosen}: {first}") from None
+    return f"Ray at {chosen}"
+
+
+def disconnect() -> None:
+    """Leave Ray (and stop it, when this process started it)."""
+    import ray
+
+    ray.shutdown()
+
+
+def cluster_size() -> tuple[float, float]:
+    import ray
+
+    res = ray.cluster_resources()
+    return res.get("CPU", 0.0), res.get("GPU", 0.0)
+
+
+def worker_env() -> dict[str, str]:
+    """Variables every worker needs: storage settings (endpoint, region, profile…) and
+    TensorFlow kept quiet. Never credentials: Ray writes these into its session logs;
+    they travel as `Credentials` in the workers' arguments instead."""
+    from ..storage import aws_env
+
+    env = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    env.update(aws_env(secrets=False))
+    env.update({k: v for k, v in os.environ.items() if k.startswith("BOTTLENECK_")})
+    return env
+
+
+class Credentials:
+    """The driver's credential variables (AWS_SECRET_ACCESS_KEY…), carried to a worker as an
+    argument, which Ray does not log; its repr hides them."""
+
+    def __init__(self, values: dict[str, str] | None = None):
+        if values is None:
+            from ..storage import credentials_env
+
+            values = credentials_env()
+        self.values = dict(values)
+
+    def restore(self) -> None:
+        """In the worker: set what this process lacks (the worker's own role wins)."""
+        from ..storage import restore_env
+
+        restore_env(self.values)
+
+    def __repr__(self) -> str:
+        return f"Credentials({sorted(self.values)} hidden)"
+
+
+class ProgressTracker:
+    """The job's tallies, one actor: images done per shard (reported by the workers after
+    each batch, read by the driver), and each shard's tries and last error.
+
+    Ray's tqdm integration draws one bar per worker process, where a job wants one total;
+    and Ray's task retries report neither a try's number nor a count of retries."""
+
+    def __init__(self, max_attempts: int) -> None:
+        self.max_attempts = max_attempts
+        self.shards: dict[int, tuple[int, int]] = {}
+        self.starts: dict[int, int] = {}
+        self.errors: dict[int, str] = {}
+
+    def start(self, shard: int) -> int:
+        """Count a try of `shard` and return its number (1 for the first)."""
+        self.starts[shard] = self.starts.get(shard, 0) + 1
+        self.shards[shard] = (0, 0)
+        return self.starts[shard]
+
+    def fail(self, shard: int, error: str) -> None:
+        self.errors[shard] = error
+
+    def last_error(self, shard: int) -> str | None:
+        return self.errors.get(shard)
+
+    def update(self, shard: int, done: int, errors: int) -> None:
+        self.shards[shard] = (done, errors)
+
+    def snapshot(self) -> tuple[int, int, int]:
+        """(images done, errors, retries) over the whole job. A start past the last try only
+        gives the shard up, and is no retry."""
+        return (sum(d for d, _ in self.shards.values()), sum(e for _, e in self.shards.values()),
+                sum(min(n, self.max_attempts) - 1 for n in self.starts.values()))
+
+
+@dataclass
+class ShardFailure:
+    """A shard given up after its last try."""
+
+    index: int
+    error: str
+
+
+class ShardActor:
+    """The Ray actor around a job's plain per-shard worker.
+
+    `factory()` builds the worker in the actor's process (it loads the model there);
+    `worker.process_shard(shard, *args, progress=fn)` returns an `output.ShardResult`.
+    """
+
+    def __init__(self, factory: Callable[[], Any], tracker: str, credentials: Credentials,
+                 max_attempts: int):
+        import ray
+
+        from ..tflog import quiet_tensorflow
+
+        quiet_tensorflow()  # before the worker's model imports it
+        credentials.restore()
+        # By name, not by handle: Ray keeps handle arguments in its object store, and an
+        # actor that restarts must not depend on those.
+        self.tracker = ray.get_actor(tracker)
+        self.max_attempts = max_attempts
+        self.crash_shards = {int(i) for i in os.environ.get(CRASH_SHARDS_ENV, "").split(",") if i}
+        self.worker = factory()
+
+    def process_shard(self, shard: Shard, *args: Any) -> Any:
+        import ray
+
+        attempt = ray.get(self.tracker.start.remote(shard.index))
+        if attempt > self.max_attempts:
+            error = ray.get(self.tracker.last_error.remote(shard.index))
+            return ShardFailure(shard.index, f"{error or 'its worker process died each time'} "
+                                             f"({self.max_attempts} tries)")
+        if shard.index in self.crash_shards:
+            os._exit(1)
+        try:
+            result = self.worker.process_shard(
+                shard, *args, progress=lambda i, d, e: self.tracker.update.remote(i, d, e))
+        except Exception as e:
+            ray.get(self.tracker.fail.remote(shard.index, short_error(e)))
+            raise
+        result.worker = ray.get_runtime_context().get_actor_id() or ""
+        result.gpu_ids = tuple(str(g) for g in ray.get_gpu_ids())
+        return result
+
+
+@dataclass
+class PoolOutcome:
+    results: list[Any] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)  # shard index → last error
+    retries: int = 0
+
+
+def short_error(e: BaseException) -> str:
+    """The last line of an error (Ray wraps the cause in a long traceback), at most 500 chars."""
+    text = str(e).strip().splitlines()
+    tail = [line for line in text if line.strip()][-1:] or [type(e).__name__]
+    return f"{type(e).__name__}: {tail[0]}"[:500]
+
+
+class ShardPool:
+    """Runs shards on a pool of `ShardActor`s, one shard in flight per actor.
+
+    A shard whose actor dies, or whose call raises, is retried by Ray on the restarted
+    actor, up to `max_attempts` tries in all; then it is reported in `outcome.failed`.
+    """
+
+    def __init__(self, factory: Callable[[], Any], layout: Layout, max_attempts: int = 3):
+        import ray
+
+        self.ray = ray
+        self.max_attempts = max_attempts
+        tracker = f"bottleneck-tracker-{uuid.uuid4().hex}"
+        self.tracker = ray.remote(num_cpus=0)(ProgressTracker).options(name=tracker).remote(
+            max_attempts)
+        actor_cls = ray.remote(ShardActor).options(
+            num_cpus=layout.num_cpus, num_gpus=layout.num_gpus, max_restarts=-1,
+            runtime_env={"env_vars": worker_env()})
+        credentials = Credentials()
+        self.actors = [actor_cls.remote(factory, tracker, credentials, max_attempts)
+                       for _ in range(layout.actors)]
+
+    def run(self, shards: Sequence[Shard], args: Callable[[Shard], tuple] = lambda s: (),
+            on_progress: Callable[[int, int], None] | None = None,
+            should_stop: Callable[[], None] = lambda: None) -> Iterator[Any]:
+        """Yield each shard's result as it finishes; failures end up in `self.outcome`.
+
+        `should_stop()` is called about twice a second and may raise to end the run (the
+        caller then shuts the pool down, which kills shards in flight: commits are atomic).
+        """
+        ray = self.ray
+        self.outcome = out = PoolOutcome()
+        queue: deque[Shard] = deque(shards)
+        idle = list(range(len(self.actors)))
+        in_flight: dict[Any, tuple[int, Shard]] = {}
+        last_poll = 0.0
+        while queue or in_flight:
+            while queue and idle:
+                slot, shard = idle.pop(), queue.popleft()
+                call = self.actors[slot].process_shard.options(
+                    max_task_retries=-1, retry_exceptions=True)
+                in_flight[call.remote(shard, *args(shard))] = (slot, shard)
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
+            for ref in ready:
+                slot, shard = in_flight.pop(ref)
+                idle.append(slot)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayError as e:  # the actor cannot start (its model…)
+                    out.failed[shard.index] = short_error(e)
+                    continue
+                if isinstance(result, ShardFailure):
+                    out.failed[shard.index] = result.error
+                    continue
+                out.results.append(result)
+                # The final count, from the result itself (the actor's last report may lag).
+                self.tracker.update.remote(shard.index, result.rows + result.errors,
+                                           result.errors)
+                yield result
+            should_stop()
+            if on_progress and time.monotonic() - last_poll > 0.5:
+                last_poll = time.monotonic()
+                self._progress(on_progress)
+        self._progress(on_progress)
+
+    def _progress(self, on_progress: Callable[[int, int], None] | None) -> None:
+        done, errors, retries = self.ray.get(self.tracker.snapshot.remote())
+        self.outcome.retries = retries
+        if on_progress:
+            on_progress(done, errors)
+
+    def shutdown(self) -> None:
+        for a in [*self.actors, self.tracker]:
+            try:
+                self.ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - it is already gone
+                pass
+
+
+def _call_with_credentials(fn: Callable[..., Any], credentials: Credentials, *args: Any) -> Any:
+    from ..tflog import quiet_tensorflow
+
+    quiet_tensorflow()
+    credentials.restore()
+    return fn(*args)
+
+
+def run_task(fn: Callable[..., Any], *args: Any, num_cpus: float, num_gpus: float) -> Any:
+    """Run `fn(*args)` once as a Ray task with the driver's credentials and return its result.
+
+    No retry: a failed training run is reported, not silently repeated. The task's own
+    exception is re-raised as it is, so a UsageError raised inside stays a UsageError.
+    """
+    import ray
+
+    task = ray.remote(_call_with_credentials).options(
+        num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0,
+        runtime_env={"env_vars": worker_env()})
+    try:
+        return ray.get(task.remote(fn, Credentials(), *args))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(getattr(e, "cause", None), BaseException):
+            raise e.cause from None
+        raise
