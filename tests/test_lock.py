@@ -84,6 +84,12 @@ def test_a_second_job_is_refused_and_a_dead_jobs_lock_is_taken_over(tmp_path):
     assert json.loads((tmp_path / LOCK).read_text())["token"] == first.token
     first.release()
     assert not (tmp_path / LOCK).exists()
+    # A job that died between claiming a takeover and writing the lock does not block it.
+    out.write_json_atomic({"token": "dead2", "heartbeat": 0, "pid": 1, "host": "elsewhere"}, LOCK)
+    out.write_json_atomic({"token": "taker", "heartbeat": 0}, "_lock.takeover-dead2")
+    with OutputLock(out) as third:
+        assert json.loads((tmp_path / LOCK).read_text())["token"] == third.token
+    assert not list(tmp_path.glob("_lock*"))
 
 
 def test_a_lock_taken_over_is_lost_at_the_next_heartbeat(tmp_path):

@@ -105,7 +105,10 @@ class OutputLock:
                     f"it was killed on another machine, retry in {self.stale_after:.0f}s when "
                     "its lock goes stale.")
             marker = TAKEOVER.format(token=held.get("token", "unreadable"))
-            if not self.out.create_exclusive(self.token.encode(), marker):
+            if not self.out.create_exclusive(self._body(), marker):
+                if self._marker_is_stale(marker):  # its taker died before writing the lock
+                    self.out.rm(marker)
+                    continue
                 raise OutputConflict(f"another job took over the stale lock on {self.out.url} "
                                      "just now")
             self._took_over = marker
@@ -116,6 +119,13 @@ class OutputLock:
         self._last_beat = time.monotonic()
         self._thread = threading.Thread(target=self._beat, daemon=True, name="output-lock")
         self._thread.start()
+
+    def _marker_is_stale(self, marker: str) -> bool:
+        try:
+            taker = self.out.read_json(marker)
+        except (FileNotFoundError, ValueError):
+            return True
+        return time.time() - float(taker.get("heartbeat", 0)) >= self.stale_after
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat):
