@@ -211,12 +211,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_OK if s.ok else EXIT_INCOMPLETE
 
 
+DEMO = ("Writes real handwritten-digit images (shipped in scikit-learn), extracts features "
+        "with a seeded random VGG16, trains the head, and classifies held-out images. No "
+        "cluster, no download.")
+BENCHMARK = ("Measures, on the same images: the conv base alone on in-memory tensors (the "
+             "limit), the whole extract command, its steady state, and a Ray Data pipeline; "
+             "prints img/s and ratios.")
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole job on real digit images, on a local Ray",
-                       description="Writes real handwritten-digit images (shipped in "
-                                   "scikit-learn), extracts features with a seeded random VGG16, "
-                                   "trains the head, and classifies held-out images. No cluster, "
-                                   "no download.")
+                       description=DEMO)
     p.add_argument("workdir", nargs="?", default="demo-output", help="(default: ./demo-output)")
     p.add_argument("--per-class", type=int, default=60, help="images per digit (default: 60)")
     p.add_argument("--image-size", type=int, default=32, help="(default: 32)")
@@ -234,11 +239,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_benchmark(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("benchmark", help="extract's img/s against the conv base limit and Ray Data",
-                       description="Measures, on the same images: the conv base alone on "
-                                   "in-memory tensors (the limit), the whole extract command, "
-                                   "its steady state, and a Ray Data pipeline; prints img/s and "
-                                   "ratios.")
+    p = sub.add_parser("benchmark", description=BENCHMARK,
+                       help="extract's img/s against the conv base limit and Ray Data")
     p.add_argument("--images", default=None,
                    help="folder of images (default: COUNT photos of 500x375 generated from "
                         "scikit-learn's sample photographs)")

@@ -129,6 +129,12 @@ def start(cmd: list[str]) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def extract_command(images: Path, out: Path) -> list[str]:
+    """61 files in 11 shards of 6, at 2 images a batch: slow enough to kill mid-job."""
+    return cli("extract", str(images), str(out), "--weights", "random", "--image-size",
+               str(SIZE), "--shard-size", "6", "--batch-size", "2")
+
+
 def kill_group(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
@@ -138,8 +144,7 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 def test_killed_job_resumes_without_rewriting_or_duplicating(images, tmp_path):
     out = tmp_path / "out"
-    cmd = cli("extract", str(images), str(out), "--weights", "random", "--image-size", str(SIZE),
-              "--shard-size", "6", "--batch-size", "2")
+    cmd = extract_command(images, out)
     proc = start(cmd)
     try:
         wait_for(lambda: len(committed_parts(out)) >= 2, what="two committed shards")
@@ -202,8 +207,7 @@ def test_killed_predict_resumes(tmp_path, images):
 
 def test_second_run_on_same_output_is_refused_and_stale_lock_is_taken_over(images, tmp_path):
     out = tmp_path / "out"
-    cmd = cli("extract", str(images), str(out), "--weights", "random", "--image-size", str(SIZE),
-              "--shard-size", "6", "--batch-size", "2")
+    cmd = extract_command(images, out)
     first = start(cmd)
     try:
         wait_for(lambda: (out / "_lock.json").exists(), what="the first run's lock")

@@ -116,7 +116,6 @@ def run_sharded(job: ShardedJob, options: RunOptions,
     """
     from .lock import OutputLock
     from .pool import ShardPool, choose_layout, cluster_size, connect
-    from .progress import ProgressBar
 
     t0 = time.perf_counter()
     lock = OutputLock(job.output) if job.output is not None else None
@@ -142,8 +141,7 @@ def run_sharded(job: ShardedJob, options: RunOptions,
             outcome = _run_planned(job, options, pool, entries, lock, on_result,
                                    RunOutcome(entries=len(entries), labels=labels_of(entries),
                                               shards=0, done_before=set(), where=where,
-                                              layout=layout.describe()),
-                                   t0, ProgressBar)
+                                              layout=layout.describe()))
         finally:
             pool.shutdown()
         if outcome.ok and finish is not None:
@@ -156,7 +154,9 @@ def run_sharded(job: ShardedJob, options: RunOptions,
 
 def _run_planned(job: ShardedJob, options: RunOptions, pool: Any, entries: list[Entry],
                  lock: Any, on_result: Callable[[ShardResult], None] | None,
-                 outcome: RunOutcome, t0: float, progress_bar: Any) -> RunOutcome:
+                 outcome: RunOutcome) -> RunOutcome:
+    from .progress import ProgressBar
+
     if not entries:
         raise UsageError(f"INPUT has no files: {job.source.url}")
     shards = plan_shards(entries, job.shard_size)
@@ -167,10 +167,9 @@ def _run_planned(job: ShardedJob, options: RunOptions, pool: Any, entries: list[
         f"{len(shards)} shards of {job.shard_size}; {len(done)} already done; on {outcome.where}")
     if todo:
         log(f"workers: {outcome.layout}")
-        args = job.shard_args(outcome.labels)
-        with progress_bar(sum(len(s) for s in todo), enabled=options.progress,
-                          desc=job.name) as bar:
-            for result in pool.run(todo, lambda s: args, on_progress=bar.update,
+        with ProgressBar(sum(len(s) for s in todo), enabled=options.progress,
+                         desc=job.name) as bar:
+            for result in pool.run(todo, job.shard_args(outcome.labels), on_progress=bar.update,
                                    should_stop=lock.check if lock else lambda: None):
                 if on_result:
                     on_result(result)
@@ -179,7 +178,6 @@ def _run_planned(job: ShardedJob, options: RunOptions, pool: Any, entries: list[
         outcome.retries = pool.outcome.retries
     else:
         outcome.layout = ""
-    outcome.seconds = time.perf_counter() - t0
     return outcome
 
 

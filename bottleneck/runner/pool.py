@@ -294,7 +294,6 @@ class ShardPool:
         import ray
 
         self.ray = ray
-        self.max_attempts = max_attempts
         tracker = f"bottleneck-tracker-{uuid.uuid4().hex}"
         self.tracker = ray.remote(num_cpus=0)(ProgressTracker).options(name=tracker).remote(
             max_attempts)
@@ -305,10 +304,11 @@ class ShardPool:
         self.actors = [actor_cls.remote(factory, tracker, credentials, max_attempts)
                        for _ in range(layout.actors)]
 
-    def run(self, shards: Sequence[Shard], args: Callable[[Shard], tuple] = lambda s: (),
+    def run(self, shards: Sequence[Shard], args: tuple = (),
             on_progress: Callable[[int, int], None] | None = None,
             should_stop: Callable[[], None] = lambda: None) -> Iterator[Any]:
         """Yield each shard's result as it finishes; failures end up in `self.outcome`.
+        Each shard's call is `process_shard(shard, *args)`.
 
         `should_stop()` is called about twice a second and may raise to end the run (the
         caller then shuts the pool down, which kills shards in flight: commits are atomic).
@@ -324,7 +324,7 @@ class ShardPool:
                 slot, shard = idle.pop(), queue.popleft()
                 call = self.actors[slot].process_shard.options(
                     max_task_retries=-1, retry_exceptions=True)
-                in_flight[call.remote(shard, *args(shard))] = (slot, shard)
+                in_flight[call.remote(shard, *args)] = (slot, shard)
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
             for ref in ready:
                 slot, shard = in_flight.pop(ref)
