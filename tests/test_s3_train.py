@@ -40,7 +40,7 @@ from s3fixtures import (  # noqa: F401 - fixtures
 )
 
 from bottleneck.extract import ExtractOptions, run_extract
-from bottleneck.tools.demo_data import write_digits
+from bottleneck.tools.demo_data import write_digit_split
 from bottleneck.train import TrainOptions, check_train, run_train
 from bottleneck.train.head import HeadConfig
 
@@ -74,8 +74,7 @@ def new_bucket_named(server, name: str) -> S3Bucket:
 def upload_digits(bucket: S3Bucket, tmp: Path) -> list[str]:
     """Real digit PNGs: PER_CLASS of each to in/<digit>/, NEW_PER_CLASS others to new/<digit>/,
     and one unreadable file in new/. Returns the keys of the readable new/ images."""
-    write_digits(tmp / "in", PER_CLASS, SIZE)
-    write_digits(tmp / "new", NEW_PER_CLASS, SIZE, skip=PER_CLASS)
+    write_digit_split(tmp, PER_CLASS, NEW_PER_CLASS, SIZE, train="in")
     items = {p.relative_to(tmp).as_posix(): p.read_bytes()
              for p in sorted(tmp.rglob("*.png"))}
     bucket.put_many({**items, BROKEN: b"\x89PNG\r\n\x1a\n"})

@@ -13,7 +13,7 @@ import pytest
 from conftest import run_cli
 
 from bottleneck.extract import ExtractOptions, run_extract
-from bottleneck.tools.demo_data import write_digits
+from bottleneck.tools.demo_data import write_digit_split
 from bottleneck.train import TrainOptions, evaluate, train_head
 from bottleneck.train.features import FeatureDataError, FeatureDataset, in_validation
 from bottleneck.train.head import HeadConfig, load_model
@@ -38,8 +38,7 @@ def extract(src: Path, dst: Path, **kw) -> None:
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory, ray_cluster):
     root = tmp_path_factory.mktemp("digits")
-    write_digits(root / "train", PER_CLASS, SIZE)
-    write_digits(root / "new", HELD_OUT, SIZE, skip=PER_CLASS)
+    write_digit_split(root, PER_CLASS, HELD_OUT, SIZE)
     extract(root / "train", root / "features")
     extract(root / "new", root / "new-features")
     return root

@@ -151,3 +151,10 @@ def test_a_job_never_joins_a_ray_that_another_program_started(images, tmp_path):
     finally:
         other.kill()
         other.wait(timeout=60)
+
+
+def test_the_demo_never_clears_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "notes.txt").write_text("the user's")
+    proc = run_cli("demo", str(tmp_path))
+    assert_one_line_exit_2(proc, "holds files the demo did not write (notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "the user's"

@@ -11,6 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import UsageError
+
+# What a demo run leaves in its folder, and all it removes when it runs again.
+DEMO_NAMES = {"images", "features", "model", "predictions.parquet", "predictions.errors.parquet",
+              "_predictions.parquet.parts", "_tmp"}
+
 
 def run_demo(workdir: str, per_class: int = 60, image_size: int = 32, weights: str = "random",
              epochs: int = 20, address: str | None = None, held_out: int = 10) -> int:
@@ -21,16 +27,19 @@ def run_demo(workdir: str, per_class: int = 60, image_size: int = 32, weights: s
     from ..predict.job import format_rows, header
     from ..runner.pool import connect
     from ..train import HeadConfig, TrainOptions, format_metrics, run_train
-    from .demo_data import sklearn_datasets, write_digits
+    from .demo_data import sklearn_datasets, write_digit_split
 
     sklearn_datasets()  # its images: refuse now if it is missing, before touching workdir
     t0 = time.perf_counter()
     root = Path(workdir).resolve()
     if root.exists():
+        others = sorted(p.name for p in root.iterdir() if p.name not in DEMO_NAMES)
+        if others:
+            raise UsageError(f"{root} holds files the demo did not write ({', '.join(others[:3])}"
+                             "…); the demo starts its folder afresh: give it a new one")
         shutil.rmtree(root)
-    train_dir, new_dir = root / "images" / "train", root / "images" / "new"
-    n_train = write_digits(train_dir, per_class, image_size)
-    n_new = write_digits(new_dir, held_out, image_size, skip=per_class)
+    new_dir = root / "images" / "new"
+    n_train, n_new = write_digit_split(root / "images", per_class, held_out, image_size)
     say = lambda m: print(f"\n== {m}", flush=True)  # noqa: E731
     say(f"{n_train} training and {n_new} held-out digit images (scikit-learn's UCI digits, "
         f"{image_size} px) in {root / 'images'}")
@@ -38,7 +47,7 @@ def run_demo(workdir: str, per_class: int = 60, image_size: int = 32, weights: s
 
     say("bottleneck extract")
     features = str(root / "features")
-    summary = run_extract(ExtractOptions(str(train_dir), features, weights=weights,
+    summary = run_extract(ExtractOptions(str(root / "images" / "train"), features, weights=weights,
                                          image_size=image_size, shard_size=128, batch_size=32))
     print("\n".join(summary.lines()))
     if not summary.ok:

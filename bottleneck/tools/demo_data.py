@@ -1,7 +1,8 @@
 """Small real image sets that need no download: they ship inside scikit-learn.
 
 - `write_digits`: the UCI handwritten digits (1,797 real 8×8 scans, ten classes), written
-  as PNG files in INPUT/<digit>/ folders, enlarged to `size` pixels.
+  as PNG files in INPUT/<digit>/ folders, enlarged to `size` pixels; `write_digit_split`:
+  a training set and held-out images beside it.
 - `write_photos`: JPEG photos of `width`×`height` cut from scikit-learn's two sample
   photographs (china.jpg, flower.jpg) at seeded random crops and scales, for throughput
   measurements on photo-like data.
@@ -54,6 +55,15 @@ def write_digits(root: str | Path, per_class: int | None = None, size: int = 32,
         img.save(d / f"digit-{i:04d}.png")
         n += 1
     return n
+
+
+def write_digit_split(root: str | Path, per_class: int, held_out: int, size: int = 32,
+                      train: str = "train", new: str = "new") -> tuple[int, int]:
+    """root/<train>/<digit>/ with `per_class` digits each and root/<new>/<digit>/ with
+    `held_out` others each (never the same images); returns how many of each."""
+    root = Path(root)
+    return (write_digits(root / train, per_class, size),
+            write_digits(root / new, held_out, size, skip=per_class))
 
 
 def write_photos(root: str | Path, count: int, width: int = 500, height: int = 375,
