@@ -399,10 +399,6 @@ class Storage:
         except FileNotFoundError:  # a conflict that no writer won
             return False
 
-    def create_json_exclusive(self, obj: Any, *parts: str) -> bool:
-        """`create_exclusive` of `obj` as JSON."""
-        return self.create_exclusive(json.dumps(obj, indent=2, sort_keys=True).encode(), *parts)
-
     def rm(self, *parts: str, recursive: bool = False) -> None:
         p = self.path(*parts)
         try:

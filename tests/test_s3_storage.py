@@ -289,7 +289,7 @@ def test_create_exclusive_first_wins(s3):
     assert s3.get("locks/job.lock") == b"first"
     # One conditional PUT each; the second is refused by the store (412), not checked first.
     assert [(r.method, r.key) for r in s3.proxy.to(s3.name)] == [("PUT", "locks/job.lock")] * 2
-    assert store.create_json_exclusive({"owner": "a"}, "other.lock") is True
+    assert store.create_exclusive(b'{"owner": "a"}', "other.lock") is True
     assert store.read_json("other.lock") == {"owner": "a"}
 
 

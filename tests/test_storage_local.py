@@ -44,7 +44,7 @@ def test_create_exclusive_first_wins(tmp_path):
     assert store.create_exclusive(b"second", "locks", "job.lock") is False
     assert (tmp_path / "out/locks/job.lock").read_bytes() == b"first"
     assert list((tmp_path / "out/_tmp").iterdir()) == []  # the loser's aside copy is gone
-    assert store.create_json_exclusive({"owner": "a"}, "other.lock") is True
+    assert store.create_exclusive(b'{"owner": "a"}', "other.lock") is True
     assert store.read_json("other.lock") == {"owner": "a"}
 
 

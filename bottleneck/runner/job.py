@@ -144,11 +144,11 @@ def run_sharded(job: ShardedJob, options: RunOptions,
                                               layout=layout.describe()))
         finally:
             pool.shutdown()
+        outcome.seconds = time.perf_counter() - t0
         if outcome.ok and finish is not None:
             if lock:
                 lock.check()
             finish(outcome)
-        outcome.seconds = time.perf_counter() - t0
         return outcome
 
 
