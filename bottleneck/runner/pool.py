@@ -379,7 +379,7 @@ def run_task(fn: Callable[..., Any], *args: Any, num_cpus: float, num_gpus: floa
     import ray
 
     task = ray.remote(_call_with_credentials).options(
-        num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0,
+        name=fn.__name__, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0,
         runtime_env={"env_vars": worker_env()})
     try:
         return ray.get(task.remote(fn, Credentials(), *args))
