@@ -211,6 +211,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_OK if s.ok else EXIT_INCOMPLETE
 
 
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="what a features OUTPUT, a MODEL_DIR or a predictions "
+                                    "file holds, and whether it is finished")
+    p.add_argument("path", metavar="PATH", help="folder, file or fsspec URL")
+    p.add_argument("--json", action="store_true", help="print it as one JSON object")
+    p.add_argument("--storage-options", type=_storage_options, default={}, metavar="JSON")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    from .info import describe, format_info
+
+    info = describe(args.path, args.storage_options)
+    print(json.dumps(info, indent=2, sort_keys=True) if args.json else format_info(info))
+    return EXIT_OK
+
+
 DEMO = ("Writes real handwritten-digit images (shipped in scikit-learn), extracts features "
         "with a seeded random VGG16, trains the head, and classifies held-out images. No "
         "cluster, no download.")
@@ -296,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_predict(sub)
+    _add_info(sub)
     _add_demo(sub)
     _add_benchmark(sub)
     return parser

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import committed_parts, write_images
+from conftest import committed_parts, run_cli, write_images
 
 from bottleneck.extract import ExtractOptions, run_extract
 from bottleneck.runner.manifest import MANIFEST, SUCCESS, OutputConflict
@@ -488,21 +489,6 @@ def test_part_files_without_a_manifest_are_not_adopted(tmp_path):
     assert (tmp_path / "mine.txt").exists()  # --overwrite removes only what is ours
 
 
-def test_a_second_job_on_the_same_output_is_refused(tmp_path):
-    from bottleneck.runner.lock import OutputLock
-    from bottleneck.storage import Storage
-
-    out = Storage(str(tmp_path))
-    with OutputLock(out):
-        with pytest.raises(OutputConflict, match="another job is writing"):
-            OutputLock(out).acquire()
-    assert not (tmp_path / "_lock.json").exists()
-    # A stale lock (its job was killed) is taken over.
-    out.write_json_atomic({"token": "dead", "heartbeat": 0, "pid": 1, "host": "h"}, "_lock.json")
-    with OutputLock(out):
-        pass
-
-
 @pytest.mark.ray
 def test_reader_counts_and_metadata_from_footers(first_run):
     from bottleneck.runner.output import count_rows, dataset_metadata, part_paths
@@ -514,3 +500,25 @@ def test_reader_counts_and_metadata_from_footers(first_run):
     assert [p.rsplit("/", 1)[-1] for p in part_paths(store)] == [
         f"part-0000{i}.parquet" for i in range(5)]
     assert dataset_metadata(store).labels == ["cat", "dog"]
+
+
+@pytest.mark.ray
+def test_info_names_the_missing_shards_of_a_half_finished_output(first_run, tmp_path):
+    out, _ = first_run
+    half = tmp_path / "half"
+    shutil.copytree(out, half)
+    (half / "part-00002.parquet").unlink()
+    (half / SUCCESS).unlink()
+    proc = run_cli("info", str(half))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines()[-1] == "NO-RAY"
+    assert "NOT finished: 1 shard(s) missing, 4 of 5 shards committed" in proc.stdout
+    assert "missing:  part-00002.parquet" in proc.stdout
+    info = json.loads(run_cli("info", str(half), "--json").stdout)
+    assert info["kind"] == "features" and info["finished"] is False
+    assert info["shards"] == {"planned": 5, "committed": 4, "missing": ["part-00002.parquet"]}
+    assert info["rows"] == 19 - pq.read_metadata(out / "part-00002.parquet").num_rows
+    assert sum(info["labels"].values()) == info["rows"] and info["errors"] == 4
+    assert info["settings"]["image_size"] == SIZE and info["feature_shape"] == [2, 2, 512]
+    done = json.loads(run_cli("info", str(out), "--json").stdout)
+    assert done["finished"] is True and done["shards"]["missing"] == [] and done["rows"] == 19

@@ -163,6 +163,23 @@ def test_predict_end_to_end(digits, trained, ray_cluster):
     assert ev["val_accuracy"] == pytest.approx(acc)
 
 
+def test_info_on_a_model_dir_and_a_predictions_file(digits, trained, tmp_path):
+    from bottleneck.predict import PredictOptions, run_predict
+
+    model_dir, metrics = trained
+    info = json.loads(run_cli("info", str(model_dir), "--json").stdout)
+    assert info["kind"] == "model" and info["classes"] == [str(d) for d in range(10)]
+    assert info["metrics"]["val_accuracy"] == metrics["val_accuracy"]
+    assert info["missing_files"] == [] and info["files"]["classifier.keras"] > 0
+    out = tmp_path / "p.parquet"
+    assert run_predict(PredictOptions(str(model_dir), str(digits / "new"), output=str(out),
+                                      progress=False)).ok
+    proc = run_cli("info", str(out))
+    assert proc.returncode == 0 and f"rows:     {10 * HELD_OUT}, 0 unreadable" in proc.stdout
+    info = json.loads(run_cli("info", str(out), "--json").stdout)
+    assert sum(info["predictions"].values()) == 10 * HELD_OUT
+
+
 def test_cli_evaluate_and_predict_table(digits, trained):
     model_dir, _ = trained
     one = next((digits / "new" / "7").iterdir())
