@@ -77,18 +77,15 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_extract)
 
 
-def cmd_extract(args: argparse.Namespace) -> int:
-    from .extract import ExtractOptions, run_extract
+def _options(args: argparse.Namespace, *positional: str) -> dict:
+    """The parsed options as the API's keywords (their names are the same)."""
+    return {k: v for k, v in vars(args).items() if k not in ("func", "command", *positional)}
 
-    o = ExtractOptions(
-        input=args.input, output=args.output, weights=args.weights, image_size=args.image_size,
-        interpolation=args.interpolation, pooling=args.pooling, dtype=args.dtype,
-        batch_size=args.batch_size, shard_size=args.shard_size, actors=args.actors,
-        gpus_per_actor=args.gpus_per_actor, threads=args.threads, address=args.address,
-        storage_options=args.storage_options, overwrite=args.overwrite,
-        jpeg_draft=args.jpeg_draft, precision=args.precision, max_attempts=args.max_attempts,
-        progress=args.progress)
-    summary = run_extract(o)
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from . import api
+
+    summary = api.extract(args.input, args.output, **_options(args, "input", "output"))
     print("\n".join(summary.lines()))
     return EXIT_OK if summary.ok else EXIT_INCOMPLETE
 
@@ -128,18 +125,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import HeadConfig, TrainOptions, format_metrics, run_train
+    from . import api
+    from .training import format_metrics
 
-    head = HeadConfig(hidden=args.hidden, dropout=args.dropout, optimizer=args.optimizer,
-                      learning_rate=args.learning_rate, epochs=args.epochs,
-                      batch_size=args.batch_size, seed=args.seed,
-                      early_stopping=args.early_stopping, normalize=args.normalize)
-    o = TrainOptions(features=args.features, model_dir=args.model_dir,
-                     validation=args.validation, validation_split=args.validation_split,
-                     head=head, shuffle_buffer=args.shuffle_buffer, weights=args.weights,
-                     storage_options=args.storage_options, address=args.address,
-                     verbose=2)
-    metrics = run_train(o)
+    options = _options(args, "features", "model_dir")
+    options["verbose"] = 2 if options.pop("progress") else 0  # a line per epoch, or none
+    metrics = api.train(args.features, args.model_dir, **options).metrics
     if metrics.get("val_accuracy") is not None:
         print(format_metrics(metrics))
     print(f"model: {args.model_dir}")
@@ -156,9 +147,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .train import dumps, evaluate, format_metrics
+    from . import api
+    from .training import dumps, format_metrics
 
-    m = evaluate(args.model_dir, args.features, args.storage_options)
+    m = api.evaluate(args.model_dir, args.features, args.storage_options)
     print(dumps(m) if args.json else format_metrics(m))
     return EXIT_OK
 
@@ -181,14 +173,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import PredictOptions, run_predict
-    from .predict.job import format_rows, header
+    from . import api
+    from .prediction.job import format_rows, header
 
-    o = PredictOptions(model_dir=args.model_dir, input=args.input, output=args.output,
-                       top_k=args.top_k, batch_size=args.batch_size, shard_size=args.shard_size,
-                       actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-                       address=args.address, storage_options=args.storage_options,
-                       max_attempts=args.max_attempts, progress=args.progress)
     printed = False
 
     def show(table: object) -> None:  # each shard's predictions as it finishes
@@ -198,7 +185,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             printed = True
         print("\n".join(format_rows(table)), flush=True)
 
-    s = run_predict(o, on_table=None if o.output else show)
+    s = api.predict(args.model_dir, args.input,
+                    on_table=None if args.output else show, **_options(args, "model_dir", "input"))
     if s.output:
         print(f"{s.rows} predictions written to {s.output}" if s.ok else
               f"{s.output} not written: shards failed")

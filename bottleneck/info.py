@@ -82,7 +82,7 @@ def _sharded_output(store: Storage, names: set[str]) -> dict[str, Any]:
 
 
 def _model_dir(store: Storage, names: set[str]) -> dict[str, Any]:
-    from .train.head import read_model_info
+    from .training.head import read_model_info
 
     classes, settings = read_model_info(store)
     metrics = store.read_json("metrics.json") if "metrics.json" in names else {}

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import committed_parts, run_cli, write_images
 
-from bottleneck.extract import ExtractOptions, run_extract
+from bottleneck.extraction import ExtractOptions, run_extract
 from bottleneck.runner.manifest import MANIFEST, SUCCESS, OutputConflict
 from bottleneck.runner.planning import Entry, Shard
 from bottleneck.runner.pool import choose_layout
@@ -305,7 +305,7 @@ def test_choose_layout():
 GPU_SCRIPT = """
 import json, sys
 import ray
-from bottleneck.extract import ExtractOptions, run_extract
+from bottleneck.extraction import ExtractOptions, run_extract
 
 # A fresh private cluster that declares 2 GPUs (no GPU is needed to schedule on them).
 ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
@@ -348,7 +348,7 @@ def test_one_actor_per_gpu(tree, tmp_path):
 
 @pytest.fixture(scope="module")
 def extractor(tmp_path_factory):
-    from bottleneck.extract.extractor import ExtractConfig, Extractor
+    from bottleneck.extraction.extractor import ExtractConfig, Extractor
     from bottleneck.model import resolve_weights
     from bottleneck.schema import FeatureSettings
 
@@ -447,7 +447,7 @@ def test_a_rerun_removes_the_earlier_success_marker_until_it_succeeds(tmp_path):
 
 
 def test_mismatch_is_found_before_ray_with_every_difference_named(tmp_path, tree):
-    from bottleneck.extract import check_extract
+    from bottleneck.extraction import check_extract
     from bottleneck.runner.manifest import prepare_output
     from bottleneck.storage import Storage
 
@@ -467,7 +467,7 @@ def test_mismatch_is_found_before_ray_with_every_difference_named(tmp_path, tree
 
 
 def test_a_corrupt_manifest_is_a_conflict_not_a_crash(tmp_path, tree):
-    from bottleneck.extract import check_extract
+    from bottleneck.extraction import check_extract
 
     out = tmp_path / "out"
     out.mkdir()

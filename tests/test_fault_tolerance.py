@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import bottleneck_command, committed_parts, write_images
 
-from bottleneck.extract import ExtractOptions, run_extract
+from bottleneck.extraction import ExtractOptions, run_extract
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -170,8 +170,8 @@ def test_killed_job_resumes_without_rewriting_or_duplicating(images, tmp_path):
 
 def test_killed_predict_resumes(tmp_path, images):
     from bottleneck.tools.demo_data import write_digits
-    from bottleneck.train import TrainOptions, train_head
-    from bottleneck.train.head import HeadConfig
+    from bottleneck.training import TrainOptions, train_head
+    from bottleneck.training.head import HeadConfig
 
     digits = tmp_path / "digits"
     write_digits(digits, 12, SIZE)

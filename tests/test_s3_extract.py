@@ -35,7 +35,7 @@ from s3fixtures import (  # noqa: F401 - fixtures
     s3_server,
 )
 
-from bottleneck.extract import ExtractOptions, ExtractSummary, run_extract
+from bottleneck.extraction import ExtractOptions, ExtractSummary, run_extract
 from bottleneck.schema import read_metadata
 
 pytestmark = pytest.mark.ray

@@ -39,10 +39,10 @@ from s3fixtures import (  # noqa: F401 - fixtures
     s3_server,
 )
 
-from bottleneck.extract import ExtractOptions, run_extract
+from bottleneck.extraction import ExtractOptions, run_extract
 from bottleneck.tools.demo_data import write_digit_split
-from bottleneck.train import TrainOptions, check_train, run_train
-from bottleneck.train.head import HeadConfig
+from bottleneck.training import TrainOptions, check_train, run_train
+from bottleneck.training.head import HeadConfig
 
 pytestmark = pytest.mark.ray
 
@@ -181,7 +181,7 @@ def test_train_from_a_bucket_to_a_model_dir_in_the_bucket(trained):
 
 
 def test_the_saved_classifier_loads_from_the_bucket_in_safe_mode(trained, tmp_path):
-    from bottleneck.train.head import load_model
+    from bottleneck.training.head import load_model
 
     local = tmp_path / "classifier.keras"
     local.write_bytes(trained.bucket.get("model/classifier.keras"))

@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli
 
-from bottleneck.extract import ExtractOptions, run_extract
+from bottleneck.extraction import ExtractOptions, run_extract
 from bottleneck.tools.demo_data import write_digit_split
-from bottleneck.train import TrainOptions, evaluate, train_head
-from bottleneck.train.features import FeatureDataError, FeatureDataset, in_validation
-from bottleneck.train.head import HeadConfig, load_model
+from bottleneck.training import TrainOptions, evaluate, train_head
+from bottleneck.training.features import FeatureDataError, FeatureDataset, in_validation
+from bottleneck.training.head import HeadConfig, load_model
 
 pytestmark = pytest.mark.ray
 
@@ -96,7 +96,7 @@ def test_split_is_deterministic_by_path(digits, trained):
 
 def test_split_is_the_same_wherever_the_images_were(tmp_path):
     """The same images on a disk and copied to a bucket: the same rows are held out."""
-    from bottleneck.extract.writer import ShardWriter
+    from bottleneck.extraction.writer import ShardWriter
     from bottleneck.runner.manifest import Manifest, prepare_output
     from bottleneck.schema import DatasetMetadata, FeatureSettings, feature_schema
     from bottleneck.storage import Storage
@@ -136,7 +136,7 @@ def test_classifier_agrees_with_head_on_features(digits, trained):
 
 
 def test_predict_end_to_end(digits, trained, ray_cluster):
-    from bottleneck.predict import PredictOptions, run_predict
+    from bottleneck.prediction import PredictOptions, run_predict
 
     model_dir, _ = trained
     out = digits / "predictions.parquet"
@@ -164,7 +164,7 @@ def test_predict_end_to_end(digits, trained, ray_cluster):
 
 
 def test_info_on_a_model_dir_and_a_predictions_file(digits, trained, tmp_path):
-    from bottleneck.predict import PredictOptions, run_predict
+    from bottleneck.prediction import PredictOptions, run_predict
 
     model_dir, metrics = trained
     info = json.loads(run_cli("info", str(model_dir), "--json").stdout)
@@ -242,7 +242,7 @@ def test_cli_train_error_paths(tmp_path, digits):
 
 def test_predict_output_inside_input_is_refused(digits, trained):
     from bottleneck.errors import UsageError
-    from bottleneck.predict import PredictOptions, check_predict
+    from bottleneck.prediction import PredictOptions, check_predict
 
     model_dir, _ = trained
     with pytest.raises(UsageError, match="must not be inside INPUT"):

@@ -94,9 +94,9 @@ def test_demo_and_benchmark_without_scikit_learn_say_how_to_install_it(tmp_path,
 
 @pytest.mark.ray
 def test_train_finds_its_weights_file_and_names_it_when_it_moved(tmp_path, ray_cluster):
-    from bottleneck.extract import ExtractOptions, run_extract
+    from bottleneck.extraction import ExtractOptions, run_extract
     from bottleneck.model import build_conv_base, resolve_weights
-    from bottleneck.train import HeadConfig, TrainOptions, check_train, run_train
+    from bottleneck.training import HeadConfig, TrainOptions, check_train, run_train
 
     weights = tmp_path / "w" / "vgg16.weights.h5"
     weights.parent.mkdir()

@@ -7,13 +7,14 @@ from typing import Any
 
 
 class ProgressBar:
-    """tqdm on stderr. In a terminal it redraws in place; in a log (ray job logs, CI) it
-    prints a line every 10 seconds instead of flooding the log."""
+    """tqdm on stderr (tqdm.auto: a widget in a Jupyter notebook). In a terminal or a
+    notebook it redraws in place; in a log (ray job logs, CI) it prints a line every 10
+    seconds instead of flooding the log."""
 
     def __init__(self, total: int, unit: str = "img", enabled: bool = True, desc: str = "extract"):
-        from tqdm import tqdm
+        from tqdm.auto import tqdm
 
-        tty = sys.stderr.isatty()
+        tty = sys.stderr.isatty() or "ipykernel" in sys.modules
         self._bar: Any = tqdm(total=total, unit=unit, desc=desc, disable=not enabled,
                               dynamic_ncols=tty, mininterval=0.5 if tty else 10.0,
                               file=sys.stderr, smoothing=0.1)

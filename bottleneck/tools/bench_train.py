@@ -28,7 +28,7 @@ from ..storage import Storage
 def write_synthetic_features(root: str, rows: int, image_size: int = 224, classes: int = 10,
                              shard_rows: int = 256, seed: int = 0) -> int:
     """A feature dataset of `rows` rows whose class shifts the mean of a few features."""
-    from ..extract.writer import ShardWriter
+    from ..extraction.writer import ShardWriter
 
     settings = FeatureSettings(weights="random:0", image_size=image_size)
     labels = [f"class{c}" for c in range(classes)]
@@ -82,7 +82,7 @@ def train_in_child(features: str, model_dir: str, epochs: int = 1, batch_size: i
     """Train in a fresh process; returns (peak RSS bytes, metrics)."""
     code = (
         "import json, sys\n"
-        "from bottleneck.train import HeadConfig, TrainOptions, train_head\n"
+        "from bottleneck.training import HeadConfig, TrainOptions, train_head\n"
         f"m = train_head(TrainOptions({features!r}, {model_dir!r}, validation_split=0.1, "
         f"shuffle_buffer={shuffle_buffer}, head=HeadConfig(epochs={epochs}, "
         f"batch_size={batch_size}), verbose=0))\n"

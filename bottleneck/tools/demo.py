@@ -22,11 +22,11 @@ def run_demo(workdir: str, per_class: int = 60, image_size: int = 32, weights: s
              epochs: int = 20, address: str | None = None, held_out: int = 10) -> int:
     import pyarrow.parquet as pq
 
-    from ..extract import ExtractOptions, run_extract
-    from ..predict import PredictOptions, run_predict
-    from ..predict.job import format_rows, header
+    from ..extraction import ExtractOptions, run_extract
+    from ..prediction import PredictOptions, run_predict
+    from ..prediction.job import format_rows, header
     from ..runner.pool import connect
-    from ..train import HeadConfig, TrainOptions, format_metrics, run_train
+    from ..training import HeadConfig, TrainOptions, format_metrics, run_train
     from .demo_data import sklearn_datasets, write_digit_split
 
     sklearn_datasets()  # its images: refuse now if it is missing, before touching workdir

@@ -192,3 +192,51 @@ def _features_matrix(col: pa.ChunkedArray) -> np.ndarray:
     size = arr.type.list_size
     values = arr.flatten().to_numpy(zero_copy_only=False)
     return values.astype(np.float32, copy=False).reshape(-1, size)
+
+
+AS = ("numpy", "arrow", "tf")
+
+
+def read_feature_dataset(url: str, columns: list[str] | None = None, as_: str = "numpy",
+                         storage_options: dict | None = None) -> object:
+    """A feature dataset's `columns` (default path, label, features) as a pyarrow Table
+    ("arrow"), a dict of NumPy arrays with features shaped (rows, *shape) ("numpy"), or a
+    tf.data.Dataset of one-row dicts streamed row group by row group ("tf").
+    Raises UsageError (FeatureDataError) for an unknown `as_` or a folder with no features."""
+    if as_ not in AS:
+        raise FeatureDataError(f"as_ must be one of {', '.join(AS)}, not {as_!r}")
+    ds = FeatureDataset(url, storage_options)
+    columns = list(columns or ["path", "label", "features"])
+    unknown = sorted(set(columns) - {"path", "label", "features"})
+    if unknown:
+        raise FeatureDataError(f"unknown column(s) {', '.join(unknown)}: a feature dataset has "
+                               "path, label and features")
+    if as_ == "tf":
+        return _tf_rows(ds, columns)
+    table = pa.concat_tables([ds.read_row_group(r, columns) for r in ds.row_groups])
+    if as_ == "arrow":
+        return table
+    return {c: _features_matrix(table.column(c)).reshape(-1, *ds.settings.shape)
+            if c == "features" else np.asarray(table.column(c).to_pylist(), dtype=object)
+            for c in columns}
+
+
+def _tf_rows(ds: FeatureDataset, columns: list[str]) -> object:
+    from ..tflog import quiet_tensorflow
+
+    tf = quiet_tensorflow()
+
+    shape = ds.settings.shape
+
+    def rows() -> Iterator[dict]:
+        for ref in ds.row_groups:
+            t = ds.read_row_group(ref, columns)
+            cols = {c: (_features_matrix(t.column(c)).reshape(-1, *shape) if c == "features"
+                        else [("" if v is None else v) for v in t.column(c).to_pylist()])
+                    for c in columns}
+            for i in range(t.num_rows):
+                yield {c: cols[c][i] for c in columns}
+
+    spec = {c: tf.TensorSpec(shape, tf.float32) if c == "features" else
+            tf.TensorSpec((), tf.string) for c in columns}
+    return tf.data.Dataset.from_generator(rows, output_signature=spec)

@@ -89,15 +89,34 @@ def build_classifier(conv_base: Any, head: Any, image_size: int, classes: list[s
 
 def load_model(path: str) -> Any:
     """Load a .keras model in safe mode (never runs code stored in the file)."""
+    from ..tflog import quiet_tensorflow
+
+    quiet_tensorflow()  # may be the first TensorFlow import of a user's process
     import keras
 
     return keras.models.load_model(path, safe_mode=True, compile=False)
+
+
+def load_stored_model(model_dir: Storage, name: str) -> Any:
+    """MODEL_DIR/<name> (a .keras file, local or in a bucket), loaded in safe mode."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, name)
+        with open(local, "wb") as f:
+            f.write(model_dir.read_bytes(model_dir.path(name)))
+        return load_model(local)
 
 
 def read_model_info(model_dir: Storage) -> tuple[list[str], dict[str, Any]]:
     """The classes and the feature settings of a trained MODEL_DIR (classes.json and
     features.json, as `train` writes them). Raises UsageError naming what is missing or
     malformed."""
+    missing = [n for n in ("classes.json", "features.json") if not model_dir.exists(n)]
+    if missing:
+        raise UsageError(f"MODEL_DIR {model_dir.url} lacks {', '.join(missing)}: "
+                         "train one with `bottleneck train`")
     try:
         classes = model_dir.read_json("classes.json")
         settings = model_dir.read_json("features.json")["settings"]
@@ -106,9 +125,6 @@ def read_model_info(model_dir: Storage) -> tuple[list[str], dict[str, Any]]:
         for key in ("image_size", "interpolation"):  # what predict decodes images with
             if key not in settings:
                 raise KeyError(key)
-    except FileNotFoundError as e:
-        raise UsageError(f"MODEL_DIR {model_dir.url} lacks {e.args[0] if e.args else e}: "
-                         "train one with `bottleneck train`") from None
     except (ValueError, KeyError, TypeError) as e:
         raise UsageError(f"MODEL_DIR {model_dir.url} has a malformed classes.json or "
                          f"features.json ({type(e).__name__}: {e})") from None

@@ -7,8 +7,6 @@ Ray: the runner's pool builds it inside each actor.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,19 +45,15 @@ class Predictor:
 
     def __init__(self, config: PredictConfig):
         from ..model import BatchRunner, configure_threads
-        from ..train.head import load_model, read_model_info
+        from ..training.head import load_stored_model, read_model_info
 
         configure_threads(config.threads)
         self.config = config
         options = dict(config.storage_options)
         store = Storage(config.model_dir, options)
         self.classes, _ = read_model_info(store)
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, "classifier.keras")
-            with open(local, "wb") as f:
-                f.write(store.read_bytes(store.path("classifier.keras")))
-            model = load_model(local)
-        self.run_model = BatchRunner(model, config.batch_size)
+        self.run_model = BatchRunner(load_stored_model(store, "classifier.keras"),
+                                     config.batch_size)
         self.images = ShardImages(options, config.decode, config.batch_size,
                                   config.decode_threads)
         self.staged = Storage(config.staging_url, options) if config.staging_url else None

@@ -326,7 +326,7 @@ def evaluate(model_dir: str, features: str, storage_options: dict[str, Any] | No
              ) -> dict[str, Any]:
     """Score MODEL_DIR's head on every row of FEATURES (labels must be known classes)."""
     from ..schema import FeatureSettings
-    from .head import load_model, read_model_info
+    from .head import load_stored_model, read_model_info
 
     opts = storage_options or {}
     store = Storage(model_dir, opts)
@@ -336,12 +336,7 @@ def evaluate(model_dir: str, features: str, storage_options: dict[str, Any] | No
     if diffs:
         raise FeatureDataError(f"{features} was made with other settings than the features "
                                f"the model was trained on: " + "; ".join(diffs))
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, "head.keras")
-        with open(local, "wb") as f:
-            f.write(store.read_bytes(store.path("head.keras")))
-        model = load_model(local)
-    probs, y = predict_features(model, ds, classes, 0.0, False)
+    probs, y = predict_features(load_stored_model(store, "head.keras"), ds, classes, 0.0, False)
     return score(probs, y, classes)
 
 

@@ -26,7 +26,7 @@ from ..runner.planning import part_name
 from ..runner.pool import check_address
 from ..schema import ERRORS_SCHEMA
 from ..storage import Storage
-from ..train.head import read_model_info
+from ..training.head import read_model_info
 from .predictor import PredictConfig, Predictor
 
 
