@@ -117,6 +117,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="do not standardize the features (the 2017 recipe; learns far worse)")
     p.add_argument("--shuffle-buffer", type=int, default=1024,
                    help="rows held for shuffling; memory is about this × row size (default: 1024)")
+    p.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="write TensorBoard logs there, a folder or bucket prefix (default: none)")
+    p.add_argument("--export", action="append", default=[], choices=["saved_model"],
+                   help="also write the classifier for serving: saved_model (a TensorFlow "
+                        "SavedModel in MODEL_DIR/saved_model/); repeatable (default: none)")
     p.add_argument("--weights", default=None,
                    help="the weights file the features were made with, if it moved since "
                         "(default: where their metadata says it was)")

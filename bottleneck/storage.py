@@ -350,6 +350,18 @@ class Storage:
     def write_json_atomic(self, obj: Any, *parts: str) -> None:
         self.write_bytes_atomic(json.dumps(obj, indent=2, sort_keys=True).encode(), *parts)
 
+    def upload_dir(self, local: str, *parts: str) -> int:
+        """Copy every file under the local folder `local` to the same relative names under
+        `parts`, each committed atomically; returns how many."""
+        n = 0
+        for folder, _, files in os.walk(local):
+            for name in files:
+                path = os.path.join(folder, name)
+                with open(path, "rb") as f:
+                    self.write_bytes_atomic(f.read(), *parts, os.path.relpath(path, local))
+                n += 1
+        return n
+
     def create_exclusive(self, data: bytes, *parts: str) -> bool:
         """Write `data` under the name only if nothing is there yet: True when this call
         created it, False when the name already existed (its content is left as it was).

@@ -180,6 +180,32 @@ def test_info_on_a_model_dir_and_a_predictions_file(digits, trained, tmp_path):
     assert sum(info["predictions"].values()) == 10 * HELD_OUT
 
 
+def test_tensorboard_logs_and_a_saved_model_that_agrees_with_the_keras_file(digits, tmp_path):
+    import tensorflow as tf
+
+    from bottleneck.images import DecodeOptions, decode_image
+
+    model_dir, logs = tmp_path / "model", tmp_path / "tb"
+    train_head(TrainOptions(str(digits / "features"), str(model_dir), tensorboard=str(logs),
+                            export=("saved_model",), head=HeadConfig(epochs=2), verbose=0))
+    events = sorted(logs.rglob("events.out.tfevents.*"))
+    assert {p.parent.name for p in events} == {"train", "validation"}
+    losses = [v.simple_value if v.HasField("simple_value") else
+              float(tf.make_ndarray(v.tensor))
+              for p in events if p.parent.name == "train"
+              for e in tf.compat.v1.train.summary_iterator(str(p))
+              for v in e.summary.value if v.tag == "epoch_loss"]
+    assert len(losses) == 2  # one a epoch
+    paths = sorted((digits / "new").rglob("*.png"))[:16]
+    images = np.stack([decode_image(p.read_bytes(), DecodeOptions(SIZE)) for p in paths])
+    keras_probs = np.asarray(load_model(str(model_dir / "classifier.keras"))(images))
+    saved = tf.saved_model.load(str(model_dir / "saved_model"))  # held: serve() needs it
+    served = saved.serve(tf.constant(images))
+    np.testing.assert_allclose(np.asarray(served), keras_probs, atol=1e-5)
+    print(f"\n[export] saved_model vs classifier.keras: max |diff| "
+          f"{np.abs(np.asarray(served) - keras_probs).max():.2e}")
+
+
 def test_cli_evaluate_and_predict_table(digits, trained):
     model_dir, _ = trained
     one = next((digits / "new" / "7").iterdir())

@@ -28,6 +28,7 @@ from ..storage import Storage
 from .features import FeatureDataError, FeatureDataset
 from .head import OPTIMIZERS, HeadConfig
 
+EXPORTS = ("saved_model",)  # serving formats of the full classifier
 VARIANCE_FLOOR = 1e-3  # relative to the mean variance of all features
 
 
@@ -40,6 +41,8 @@ class TrainOptions:
     head: HeadConfig = field(default_factory=HeadConfig)
     shuffle_buffer: int = 1024
     weights: str | None = None  # the weights file, when it moved since the features were made
+    tensorboard: str | None = None  # where TensorBoard logs go (a folder or bucket prefix)
+    export: tuple[str, ...] = ()  # serving formats beside classifier.keras: "saved_model"
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     address: str | None = None
     verbose: int = 2
@@ -77,6 +80,15 @@ def check_train(o: TrainOptions) -> Any:
         raise UsageError(f"--learning-rate must be positive, not {h.learning_rate}")
     if h.optimizer not in OPTIMIZERS:
         raise UsageError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
+    if o.tensorboard:
+        try:
+            import tensorboard  # noqa: F401 - only whether it is there
+        except ImportError:
+            raise UsageError("--tensorboard needs the tensorboard package: pip install "
+                             "tensorboard (or the cpu/gpu extra of vgg-bottleneck)") from None
+    unknown = sorted(set(o.export) - set(EXPORTS))
+    if unknown:
+        raise UsageError(f"--export must be one of {', '.join(EXPORTS)}, not {unknown[0]!r}")
     if h.early_stopping is not None and h.early_stopping <= 0:
         raise UsageError("--early-stopping PATIENCE must be positive")
     try:
@@ -270,15 +282,21 @@ def _fit(model: Any, o: TrainOptions, train: FeatureDataset, val: FeatureDataset
     if h.early_stopping and val_data is not None:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=h.early_stopping, restore_best_weights=True))
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        # The validation stream's length is not given to Keras; it warns when it ends. It should.
-        warnings.filterwarnings("ignore", message="Your input ran out of data")
-        fit = model.fit(train_data, validation_data=val_data, epochs=h.epochs,
-                        verbose=o.verbose, steps_per_epoch=steps, callbacks=callbacks,
-                        shuffle=False)
+    with tempfile.TemporaryDirectory(prefix="bottleneck-tensorboard-") as logs:
+        if o.tensorboard:  # written here, then copied: Keras writes to local paths only
+            callbacks.append(keras.callbacks.TensorBoard(log_dir=logs))
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            # The validation stream's length is not given to Keras; it warns when it ends.
+            warnings.filterwarnings("ignore", message="Your input ran out of data")
+            fit = model.fit(train_data, validation_data=val_data, epochs=h.epochs,
+                            verbose=o.verbose, steps_per_epoch=steps, callbacks=callbacks,
+                            shuffle=False)
+        seconds = time.perf_counter() - t0
+        if o.tensorboard:
+            Storage(o.tensorboard, o.storage_options).upload_dir(logs)
     history = {k: [float(v) for v in vs] for k, vs in fit.history.items()}
-    return history, time.perf_counter() - t0
+    return history, seconds
 
 
 def _export(o: TrainOptions, train: FeatureDataset, weights: Any, head: Any,
@@ -296,6 +314,11 @@ def _export(o: TrainOptions, train: FeatureDataset, weights: Any, head: Any,
     classifier = build_classifier(conv_base, head, settings.image_size, classes)
     _save_model(head, out, "head.keras")
     _save_model(classifier, out, "classifier.keras")
+    if "saved_model" in o.export:
+        with tempfile.TemporaryDirectory() as tmp:
+            classifier.export(os.path.join(tmp, "saved_model"), format="tf_saved_model",
+                              verbose=False)
+            out.upload_dir(os.path.join(tmp, "saved_model"), "saved_model")
     out.write_json_atomic(classes, "classes.json")
     out.write_json_atomic(history, "history.json")
     out.write_json_atomic(metrics, "metrics.json")
