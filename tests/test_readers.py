@@ -55,6 +55,7 @@ def test_ray_data(output):
 
 
 def test_hugging_face_datasets(output):
+    """datasets keeps only its own schema metadata: ours is read with pyarrow, DuckDB…"""
     import datasets
 
     out, _ = output
