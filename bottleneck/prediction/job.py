@@ -146,7 +146,8 @@ def run_predict(o: PredictOptions, on_table: Callable[[pa.Table], None] | None =
         nonlocal rows, errors
         if c.staged is not None and c.parent is not None:
             errors = read_errors(c.staged)
-            rows = _assemble(c.parent, _output_name(o.output or ""), c.staged, run.shards)
+            rows = _assemble(c.parent, _output_name(o.output or ""), c.staged, run.shards,
+                             errors)
 
     run = run_sharded(predict_job(c), run_options(o), on_result=on_result, finish=assemble)
     if c.staged is not None:
@@ -158,8 +159,9 @@ def run_predict(o: PredictOptions, on_table: Callable[[pa.Table], None] | None =
                           len(run.done_before))
 
 
-def _assemble(parent: Storage, name: str, staged: Storage, n_shards: int) -> int:
-    """Concatenate the staged shard files into OUTPUT (atomically) and write its errors
+def _assemble(parent: Storage, name: str, staged: Storage, n_shards: int,
+              errors: list[tuple[str, str]]) -> int:
+    """Concatenate the staged shard files into OUTPUT (atomically) and write `errors`
     beside it. Returns the rows written."""
     rows = 0
     writer = None
@@ -172,9 +174,8 @@ def _assemble(parent: Storage, name: str, staged: Storage, n_shards: int) -> int
             rows += t.num_rows
         if writer is not None:
             writer.close()
-    errs = read_errors(staged)
-    if errs:
-        t = pa.table({"path": [p for p, _ in errs], "error": [e for _, e in errs]},
+    if errors:
+        t = pa.table({"path": [p for p, _ in errors], "error": [e for _, e in errors]},
                      schema=ERRORS_SCHEMA)
         with parent.open_atomic(name.removesuffix(".parquet") + ".errors.parquet") as f:
             pq.write_table(t, f)
