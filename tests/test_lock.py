@@ -148,3 +148,10 @@ def test_a_job_that_loses_its_lock_stops_with_nothing_half_committed(tmp_path):
     for p in parts:  # every committed part is whole
         assert pq.read_table(p).num_rows == 4
     assert json.loads((out / LOCK).read_text())["token"] == "intruder"
+
+
+def test_a_store_without_exclusive_create_is_refused_clearly():
+    from bottleneck.errors import UsageError
+
+    with pytest.raises(UsageError, match="cannot create a file exclusively"):
+        OutputLock(Storage("memory://bottleneck-lock-test/out")).acquire()

@@ -24,6 +24,7 @@ import time
 import uuid
 from typing import Any
 
+from ..errors import UsageError
 from ..storage import Storage
 from .manifest import OutputConflict
 
@@ -90,9 +91,16 @@ class OutputLock:
         return held if isinstance(held, dict) else {}
 
     def acquire(self) -> None:
-        """Take the lock or raise OutputConflict saying who holds it."""
+        """Take the lock or raise OutputConflict saying who holds it (a UsageError, as is
+        an OUTPUT on a store that cannot create a file exclusively)."""
         for _ in range(3):  # the holder may release between our create and our read
-            if self.out.create_exclusive(self._body(), LOCK):
+            try:
+                created = self.out.create_exclusive(self._body(), LOCK)
+            except NotImplementedError:
+                raise UsageError(f"OUTPUT {self.out.url}: its store cannot create a file "
+                                 "exclusively, which the lock on OUTPUT needs; use a local "
+                                 "folder or S3") from None
+            if created:
                 break
             held = self._read()
             if held is None:
