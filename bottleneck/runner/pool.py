@@ -251,9 +251,13 @@ class ShardActor:
     def process_shard(self, shard: Shard, *args: Any) -> Any:
         import ray
 
-        attempt = ray.get(self.tracker.start.remote(shard.index))
+        try:
+            attempt = ray.get(self.tracker.start.remote(shard.index))
+            error = (ray.get(self.tracker.last_error.remote(shard.index))
+                     if attempt > self.max_attempts else None)
+        except ray.exceptions.RayActorError as e:  # no tracker, no give-up: fail, not loop
+            return ShardFailure(shard.index, f"the job's tracker actor is gone: {short_error(e)}")
         if attempt > self.max_attempts:
-            error = ray.get(self.tracker.last_error.remote(shard.index))
             return ShardFailure(shard.index, f"{error or 'its worker process died each time'} "
                                              f"({self.max_attempts} tries)")
         if shard.index in self.crash_shards:
@@ -303,6 +307,7 @@ class ShardPool:
         credentials = Credentials()
         self.actors = [actor_cls.remote(factory, tracker, credentials, max_attempts)
                        for _ in range(layout.actors)]
+        self.dead_reason = ""
 
     def run(self, shards: Sequence[Shard], args: tuple = (),
             on_progress: Callable[[int, int], None] | None = None,
@@ -320,6 +325,10 @@ class ShardPool:
         in_flight: dict[Any, tuple[int, Shard]] = {}
         last_poll = 0.0
         while queue or in_flight:
+            if not idle and not in_flight:  # every actor is dead: what is left fails
+                for shard in queue:
+                    out.failed[shard.index] = self.dead_reason
+                break
             while queue and idle:
                 slot, shard = idle.pop(), queue.popleft()
                 call = self.actors[slot].process_shard.options(
@@ -328,12 +337,19 @@ class ShardPool:
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
             for ref in ready:
                 slot, shard = in_flight.pop(ref)
-                idle.append(slot)
                 try:
                     result = ray.get(ref)
-                except ray.exceptions.RayError as e:  # the actor cannot start (its model…)
+                except ray.exceptions.RayActorError as e:
+                    # Dead for good (its constructor raised: no model, no GPU memory…): the
+                    # shard never ran, so it goes to another actor; this slot is retired.
+                    self.dead_reason = short_error(e)
+                    queue.appendleft(shard)
+                    continue
+                except ray.exceptions.RayError as e:
+                    idle.append(slot)
                     out.failed[shard.index] = short_error(e)
                     continue
+                idle.append(slot)
                 if isinstance(result, ShardFailure):
                     out.failed[shard.index] = result.error
                     continue
@@ -349,7 +365,10 @@ class ShardPool:
         self._progress(on_progress)
 
     def _progress(self, on_progress: Callable[[int, int], None] | None) -> None:
-        done, errors, retries = self.ray.get(self.tracker.snapshot.remote())
+        try:
+            done, errors, retries = self.ray.get(self.tracker.snapshot.remote())
+        except self.ray.exceptions.RayActorError:  # the tracker is gone: no counts to show
+            return
         self.outcome.retries = retries
         if on_progress:
             on_progress(done, errors)
