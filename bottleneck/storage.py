@@ -376,9 +376,10 @@ class Storage:
         final = self.path(*parts)
         if self.is_local:
             # Written aside, then linked: link(2) fails when the name exists, as O_CREAT|O_EXCL
-            # does, and the name appears with all its content, never empty or partial.
-            tmp = self._tmp_name(final)
+            # does, and the name appears with all its content, never empty or partial. The
+            # scratch file sits beside the name, not in _tmp/, which a running job clears.
             os.makedirs(os.path.dirname(final), exist_ok=True)
+            tmp = f"{final}.{uuid.uuid4().hex}.tmp"
             try:
                 with open(tmp, "wb") as f:
                     f.write(data)

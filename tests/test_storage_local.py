@@ -43,7 +43,8 @@ def test_create_exclusive_first_wins(tmp_path):
     assert store.create_exclusive(b"first", "locks", "job.lock") is True
     assert store.create_exclusive(b"second", "locks", "job.lock") is False
     assert (tmp_path / "out/locks/job.lock").read_bytes() == b"first"
-    assert list((tmp_path / "out/_tmp").iterdir()) == []  # the loser's aside copy is gone
+    # The loser's scratch copy (beside the name) is gone.
+    assert [p.name for p in (tmp_path / "out/locks").iterdir()] == ["job.lock"]
     assert store.create_exclusive(b'{"owner": "a"}', "other.lock") is True
     assert store.read_json("other.lock") == {"owner": "a"}
 

@@ -174,11 +174,14 @@ def _assemble(parent: Storage, name: str, staged: Storage, n_shards: int,
             rows += t.num_rows
         if writer is not None:
             writer.close()
+    errors_name = name.removesuffix(".parquet") + ".errors.parquet"
     if errors:
         t = pa.table({"path": [p for p, _ in errors], "error": [e for _, e in errors]},
                      schema=ERRORS_SCHEMA)
-        with parent.open_atomic(name.removesuffix(".parquet") + ".errors.parquet") as f:
+        with parent.open_atomic(errors_name) as f:
             pq.write_table(t, f)
+    else:  # an earlier run's errors file would describe other images
+        parent.rm(errors_name)
     _remove_empty_spool(parent)
     return rows
 

@@ -173,6 +173,7 @@ def _run_planned(job: ShardedJob, options: RunOptions, pool: Any, entries: list[
                                    should_stop=lock.check if lock else lambda: None):
                 if on_result:
                     on_result(result)
+                result.table = None  # handed over: a job with no OUTPUT holds no rows
         outcome.results = pool.outcome.results
         outcome.failed = pool.outcome.failed
         outcome.retries = pool.outcome.retries
