@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from .errors import UsageError
 from .runner.manifest import MANIFEST, SUCCESS, read_manifest
-from .runner.output import ERRORS_DIR, count_rows, dataset_metadata, part_paths
+from .runner.output import ERRORS_DIR, count_rows, dataset_metadata, footer_rows, part_paths
 from .runner.planning import PART_RE, committed_shards, part_name
 from .storage import Storage, with_retries
 
@@ -26,8 +26,12 @@ def describe(path: str, storage_options: dict[str, Any] | None = None) -> dict[s
     """What PATH holds, as one JSON-ready dict whose `kind` is "features", "predictions"
     (a predictions file, or the staging folder of an unfinished one) or "model".
     Raises UsageError when PATH is none of these."""
-    store = Storage(path, storage_options)
-    if not with_retries(lambda: store.fs.exists(store.root), what=f"exists {store.url}"):
+    try:
+        store = Storage(path, storage_options)
+        exists = with_retries(lambda: store.fs.exists(store.root), what=f"exists {path}")
+    except Exception as e:  # noqa: BLE001 - an unknown protocol, credentials, endpoint…
+        raise UsageError(f"cannot open {path}: {type(e).__name__}: {e}") from None
+    if not exists:
         raise UsageError(f"{store.url} does not exist")
     if with_retries(lambda: store.fs.isfile(store.root), what=f"info {store.url}"):
         return _predictions_file(store)
@@ -96,20 +100,23 @@ def _model_dir(store: Storage, names: set[str]) -> dict[str, Any]:
 
 def _predictions_file(store: Storage) -> dict[str, Any]:
     try:
-        rows = with_retries(lambda: _footer_rows(store, store.root), what=f"read {store.url}")
-    except Exception as e:  # noqa: BLE001 - not Parquet, or not ours
+        schema = with_retries(lambda: _schema(store, store.root), what=f"read {store.url}")
+    except Exception as e:  # noqa: BLE001 - not Parquet at all
         raise UsageError(f"{store.url} is not a predictions file ({type(e).__name__})") from None
+    if "prediction" not in schema.names:
+        raise UsageError(f"{store.url} is not a predictions file (no prediction column)")
+    rows = footer_rows(store, store.root)
     errors_file = store.root.removesuffix(".parquet") + ".errors.parquet"
     has_errors = with_retries(lambda: store.fs.exists(errors_file), what=f"exists {errors_file}")
     return {"kind": "predictions", "path": store.url, "finished": True, "rows": rows,
-            "errors": _footer_rows(store, errors_file) if has_errors else 0,
+            "errors": footer_rows(store, errors_file) if has_errors else 0,
             "predictions": _column_counts(store, [store.root], "prediction"),
             "bytes": _size(store, store.root)}
 
 
-def _footer_rows(store: Storage, path: str) -> int:
+def _schema(store: Storage, path: str) -> Any:
     with store.fs.open(path, "rb") as f:
-        return pq.ParquetFile(f).metadata.num_rows
+        return pq.ParquetFile(f).schema_arrow
 
 
 def format_info(info: dict[str, Any]) -> str:

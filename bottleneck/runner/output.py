@@ -67,7 +67,8 @@ def part_paths(store: Storage) -> list[str]:
     return [store.path(n) for n in store.ls_names() if PART_RE.match(n)]
 
 
-def _footer_rows(store: Storage, path: str) -> int:
+def footer_rows(store: Storage, path: str) -> int:
+    """A Parquet file's row count, from its footer."""
     def read() -> int:
         with store.fs.open(path, "rb") as f:
             return pq.ParquetFile(f).metadata.num_rows
@@ -76,8 +77,8 @@ def _footer_rows(store: Storage, path: str) -> int:
 
 def count_rows(store: Storage) -> tuple[int, int]:
     """(rows, error rows) of a whole OUTPUT, from the Parquet footers alone."""
-    rows = sum(_footer_rows(store, p) for p in part_paths(store))
-    errors = sum(_footer_rows(store, store.path(ERRORS_DIR, n))
+    rows = sum(footer_rows(store, p) for p in part_paths(store))
+    errors = sum(footer_rows(store, store.path(ERRORS_DIR, n))
                  for n in store.ls_names(ERRORS_DIR) if PART_RE.match(n))
     return rows, errors
 
