@@ -82,11 +82,10 @@ def check_predict(o: PredictOptions) -> CheckedPredict:
     require_positive(batch_size=o.batch_size, shard_size=o.shard_size, actors=o.actors,
                      gpus_per_actor=o.gpus_per_actor, max_attempts=o.max_attempts)
     model_dir = Storage(o.model_dir, o.storage_options)
-    missing = [n for n in ("classifier.keras", "classes.json", "features.json")
-               if not model_dir.exists(n)]
-    if missing:
-        raise UsageError(f"MODEL_DIR {model_dir.url} lacks {', '.join(missing)}: "
-                         "train one with `bottleneck train`")
+    _, settings = read_model_info(model_dir)  # names a missing classes.json or features.json
+    if not model_dir.exists("classifier.keras"):
+        raise UsageError(f"MODEL_DIR {model_dir.url} lacks classifier.keras: train one with "
+                         "`bottleneck train`")
     parent = staged = None
     if o.output:
         if not o.output.endswith(".parquet"):
@@ -100,7 +99,6 @@ def check_predict(o: PredictOptions) -> CheckedPredict:
         staged = parent.child(f"_{_output_name(o.output)}.parts")
     else:
         source, _ = open_input(o.input, None, o.storage_options, allow_file=True)
-    _, settings = read_model_info(model_dir)
     checked = CheckedPredict(o, model_dir, source, settings, parent, staged)
     preflight(predict_job(checked), run_options(o))
     return checked

@@ -122,21 +122,23 @@ def run_sharded(job: ShardedJob, options: RunOptions,
     with lock or nullcontext():
         # List while Ray starts and the actors load their model: none needs the others.
         # (Ray must start on the main thread, which owns the signal handlers.)
-        with ThreadPoolExecutor(1) as ex:
-            listing = ex.submit(job.list_inputs)
-            try:
-                where = connect(options.address)
-            except BaseException:
-                listing.cancel()
-                raise
-            layout = choose_layout(*cluster_size(), options.actors, options.gpus_per_actor,
-                                   options.threads)
-            pool = ShardPool(job.make_worker(layout), layout, options.max_attempts)
-            try:
-                entries = listing.result()
-            except BaseException:
-                pool.shutdown()
-                raise
+        ex = ThreadPoolExecutor(1, thread_name_prefix="listing")
+        listing = ex.submit(job.list_inputs)
+        try:
+            where = connect(options.address)
+        except BaseException:  # Ctrl-C or a failed start: do not wait for the listing
+            ex.shutdown(wait=False, cancel_futures=True)
+            raise
+        layout = choose_layout(*cluster_size(), options.actors, options.gpus_per_actor,
+                               options.threads)
+        pool = ShardPool(job.make_worker(layout), layout, options.max_attempts)
+        try:
+            entries = listing.result()
+        except BaseException:
+            pool.shutdown()
+            raise
+        finally:
+            ex.shutdown(wait=False, cancel_futures=True)
         try:
             outcome = _run_planned(job, options, pool, entries, lock, on_result,
                                    RunOutcome(entries=len(entries), labels=labels_of(entries),

@@ -1,7 +1,8 @@
 """One job at a time per OUTPUT: a lock file taken by exclusive create, kept by a heartbeat.
 
-- Taking it: `_lock.json` is created only if absent (`O_EXCL` locally, a conditional PUT
-  with `If-None-Match: *` on S3), so of two jobs started together exactly one wins.
+- Taking it: `_lock.json` is created only if absent (link(2) of a complete file locally,
+  which fails on an existing name as O_EXCL does; a conditional PUT with
+  `If-None-Match: *` on S3), so of two jobs started together exactly one wins.
 - A lock left by a killed job is stale: at once when its process is gone from this host,
   else once its heartbeat is `stale_after` seconds old. A stale lock is taken over through
   a second exclusive create, `_lock.takeover-<its token>`, so of two jobs that find the

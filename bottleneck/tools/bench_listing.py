@@ -1,6 +1,6 @@
 """The driver's memory for a listing of many images: what holding the shard plan costs.
 
-    python -m bottleneck.bench_listing --paths 1000000
+    python -m bottleneck.tools.bench_listing --paths 1000000
 
 Builds a synthetic bucket listing (keys like `images/class042/img-0123456.jpg`, as
 `fs.find` returns them), then turns it into entries, a listing fingerprint and a shard plan,

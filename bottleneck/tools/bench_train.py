@@ -1,6 +1,6 @@
 """Training memory and throughput on a large synthetic feature set.
 
-    python -m bottleneck.bench_train --gigabytes 3      # prints peak RSS and rows/s
+    python -m bottleneck.tools.bench_train --gigabytes 3      # prints peak RSS and rows/s
 
 Writes a feature dataset of the requested size (7×7×512 float32 rows, ReLU-like sparse
 values, 10 classes, real bottleneck metadata), then trains the head over it in a child

@@ -1,8 +1,8 @@
 """`bottleneck benchmark`: how close `extract` comes to the machine's limit, and to Ray Data.
 
 On the same images, in one run:
-1. the limit: the conv base alone on tensors already in memory, in a Ray actor with the
-   same resources, threads and batch size as extract's actors;
+1. the limit: the conv base alone on tensors already in memory, in a Ray task with the
+   same resources, threads and batch size as one of extract's actors;
 2. the whole `bottleneck extract` command in a fresh process (Ray start included), and its
    steady state (images / time the actors spent on shards);
 3. what a user would write instead: Ray Data read_images → map_batches (an actor pool

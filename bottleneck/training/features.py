@@ -2,8 +2,8 @@
 
 Memory depends on the batch and shuffle-buffer sizes, never on the dataset: rows are read
 one row group at a time (the extractor writes a row group per model batch), and at most
-`shuffle_buffer` rows are held at once. No TensorFlow here: `train.py` wraps these
-generators in tf.data.
+`shuffle_buffer` rows are held at once. No TensorFlow here (but in `read_feature_dataset`'s
+"tf" form): `training/job.py` wraps these generators in tf.data.
 """
 
 from __future__ import annotations

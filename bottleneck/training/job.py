@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import UsageError, require_positive
 from ..storage import Storage
 from .features import FeatureDataError, FeatureDataset
 from .head import OPTIMIZERS, HeadConfig
@@ -70,14 +70,10 @@ def check_train(o: TrainOptions) -> Any:
         raise UsageError("give --validation or --validation-split, not both")
     if not 0.0 <= o.split < 1.0:
         raise UsageError(f"--validation-split must be in [0, 1), not {o.split}")
-    for name, v in (("--hidden", h.hidden), ("--epochs", h.epochs), ("--batch-size", h.batch_size),
-                    ("--shuffle-buffer", o.shuffle_buffer)):
-        if v <= 0:
-            raise UsageError(f"{name} must be positive, not {v}")
+    require_positive(hidden=h.hidden, epochs=h.epochs, batch_size=h.batch_size,
+                     shuffle_buffer=o.shuffle_buffer, learning_rate=h.learning_rate)
     if not 0.0 <= h.dropout < 1.0:
         raise UsageError(f"--dropout must be in [0, 1), not {h.dropout}")
-    if h.learning_rate <= 0:
-        raise UsageError(f"--learning-rate must be positive, not {h.learning_rate}")
     if h.optimizer not in OPTIMIZERS:
         raise UsageError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
     if o.tensorboard:
@@ -286,15 +282,17 @@ def _fit(model: Any, o: TrainOptions, train: FeatureDataset, val: FeatureDataset
         if o.tensorboard:  # written here, then copied: Keras writes to local paths only
             callbacks.append(keras.callbacks.TensorBoard(log_dir=logs))
         t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            # The validation stream's length is not given to Keras; it warns when it ends.
-            warnings.filterwarnings("ignore", message="Your input ran out of data")
-            fit = model.fit(train_data, validation_data=val_data, epochs=h.epochs,
-                            verbose=o.verbose, steps_per_epoch=steps, callbacks=callbacks,
-                            shuffle=False)
+        try:
+            with warnings.catch_warnings():
+                # The validation stream's length is not given to Keras; it warns when it ends.
+                warnings.filterwarnings("ignore", message="Your input ran out of data")
+                fit = model.fit(train_data, validation_data=val_data, epochs=h.epochs,
+                                verbose=o.verbose, steps_per_epoch=steps, callbacks=callbacks,
+                                shuffle=False)
+        finally:  # a failed fit's logs are what one looks at
+            if o.tensorboard:
+                Storage(o.tensorboard, o.storage_options).upload_dir(logs)
         seconds = time.perf_counter() - t0
-        if o.tensorboard:
-            Storage(o.tensorboard, o.storage_options).upload_dir(logs)
     history = {k: [float(v) for v in vs] for k, vs in fit.history.items()}
     return history, seconds
 
