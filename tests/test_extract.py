@@ -300,6 +300,10 @@ def test_choose_layout():
     big = choose_layout(32, 0)
     assert big.actors * big.num_cpus <= 32 and big.actors >= 2
     assert choose_layout(8, 0, actors=4).num_cpus == 2
+    # Four nodes of 4 CPUs: actors of 4, one a node, never one that no node can hold.
+    small_nodes = choose_layout(16, 0, node_cpus=4)
+    assert (small_nodes.actors, small_nodes.num_cpus) == (4, 4)
+    assert choose_layout(16, 0, actors=2, node_cpus=4).num_cpus == 4
 
 
 GPU_SCRIPT = """

@@ -129,8 +129,9 @@ def run_sharded(job: ShardedJob, options: RunOptions,
         except BaseException:  # Ctrl-C or a failed start: do not wait for the listing
             ex.shutdown(wait=False, cancel_futures=True)
             raise
-        layout = choose_layout(*cluster_size(), options.actors, options.gpus_per_actor,
-                               options.threads)
+        cpus, gpus, node_cpus = cluster_size()
+        layout = choose_layout(cpus, gpus, options.actors, options.gpus_per_actor,
+                               options.threads, node_cpus)
         pool = ShardPool(job.make_worker(layout), layout, options.max_attempts)
         try:
             entries = listing.result()

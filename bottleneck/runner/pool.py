@@ -52,10 +52,13 @@ class Layout:
 
 
 def choose_layout(cluster_cpus: float, cluster_gpus: float, actors: int | None = None,
-                  gpus_per_actor: float | None = None, threads: int | None = None) -> Layout:
+                  gpus_per_actor: float | None = None, threads: int | None = None,
+                  node_cpus: float | None = None) -> Layout:
     """One actor per GPU when there are GPUs; otherwise actors of up to 8 threads that fill
-    the CPUs. `actors`, `gpus_per_actor` and `threads` override."""
+    the CPUs, none bigger than the largest node (`node_cpus`, default: all the CPUs), so
+    that every actor fits on some node. `actors`, `gpus_per_actor` and `threads` override."""
     cpus = max(1, int(cluster_cpus))
+    largest = max(1, int(node_cpus or cpus))
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if cluster_gpus >= 1 else 0.0
     if gpus_per_actor > 0:
@@ -68,9 +71,9 @@ def choose_layout(cluster_cpus: float, cluster_gpus: float, actors: int | None =
                       threads=threads or GPU_ACTOR_TF_THREADS,
                       decode_threads=GPU_ACTOR_DECODE_THREADS)
     if actors:
-        per = max(1, cpus // actors)
+        per = max(1, min(cpus // actors, largest))
     else:
-        per = min(cpus, MAX_THREADS_PER_ACTOR)
+        per = min(largest, MAX_THREADS_PER_ACTOR)
         actors = max(1, cpus // per)
     return Layout(actors, num_cpus=per, num_gpus=0.0, threads=threads or per,
                   decode_threads=max(2, per))
@@ -143,11 +146,13 @@ def disconnect() -> None:
     ray.shutdown()
 
 
-def cluster_size() -> tuple[float, float]:
+def cluster_size() -> tuple[float, float, float]:
+    """(CPUs, GPUs) of the whole cluster, and the CPUs of its largest node."""
     import ray
 
     res = ray.cluster_resources()
-    return res.get("CPU", 0.0), res.get("GPU", 0.0)
+    nodes = [n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    return res.get("CPU", 0.0), res.get("GPU", 0.0), max(nodes, default=0.0)
 
 
 def worker_env() -> dict[str, str]:
