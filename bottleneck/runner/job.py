@@ -126,13 +126,13 @@ def run_sharded(job: ShardedJob, options: RunOptions,
         listing = ex.submit(job.list_inputs)
         try:
             where = connect(options.address)
+            cpus, gpus, node_cpus = cluster_size()
+            layout = choose_layout(cpus, gpus, options.actors, options.gpus_per_actor,
+                                   options.threads, node_cpus)
+            pool = ShardPool(job.make_worker(layout), layout, options.max_attempts)
         except BaseException:  # Ctrl-C or a failed start: do not wait for the listing
             ex.shutdown(wait=False, cancel_futures=True)
             raise
-        cpus, gpus, node_cpus = cluster_size()
-        layout = choose_layout(cpus, gpus, options.actors, options.gpus_per_actor,
-                               options.threads, node_cpus)
-        pool = ShardPool(job.make_worker(layout), layout, options.max_attempts)
         try:
             entries = listing.result()
         except BaseException:
