@@ -7,10 +7,7 @@ from typing import Any
 from ..errors import UsageError
 from ..runner.planning import Entry, make_entries
 from ..storage import Storage, with_retries
-
-
-class InputError(UsageError):
-    """INPUT is missing, empty or not a folder."""
+from .source import InputError
 
 
 def open_input(input_url: str, output_url: str | None, storage_options: dict[str, Any],

@@ -1,0 +1,70 @@
+"""What every kind of INPUT gives the runner: a deterministic stream of pages of entries.
+
+A page is an Arrow table of `PAGE_SCHEMA` (url, label). The runner cuts the stream into
+shards as it comes and writes them to OUTPUT's plan (`runner/plan.py`), so no source ever
+hands over its whole listing, and none is read whole.
+
+A source that stops part-way (a killed job) is resumed from a `Position`: a sorted source
+(a listed folder or bucket) lists again only after the last URL already planned; any other
+(a list file, an inventory report) skips the entries already planned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import pyarrow as pa
+
+from ..errors import UsageError
+
+PAGE_SCHEMA = pa.schema([("url", pa.string()), ("label", pa.string())])
+
+
+class InputError(UsageError):
+    """INPUT is missing, empty, unreadable or of no kind we read."""
+
+
+@dataclass(frozen=True)
+class Position:
+    """How far an earlier, interrupted plan got: entries planned, and the last one's URL."""
+
+    entries: int = 0
+    last_url: str | None = None
+
+
+@dataclass
+class ListingStats:
+    """What a source has done so far, for the progress bar and the benchmark (read from
+    another thread while the listing runs)."""
+
+    requests: int = 0  # listing requests sent (LIST on S3, one directory read locally)
+    keys: int = 0  # names seen, before hidden files and folder markers are left out
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Source(Protocol):
+    url: str  # INPUT's identity, recorded in the manifest
+    kind: str  # "folder", "list file", "inventory": what the log says
+    sorted: bool  # pages come sorted by URL: `--relist` can compare listings by merging
+    stats: ListingStats
+
+    def pages(self, after: Position = Position()) -> Iterator[pa.Table]:
+        """The entries after `after`, in the source's deterministic order, as PAGE_SCHEMA
+        tables. Raises InputError for an INPUT that cannot be read."""
+        ...
+
+
+def page(urls: list[str] | pa.Array, labels: list[str | None] | pa.Array) -> pa.Table:
+    return pa.table({"url": urls, "label": labels}, schema=PAGE_SCHEMA)
+
+
+def skip_entries(pages: Iterator[pa.Table], n: int) -> Iterator[pa.Table]:
+    """`pages` without its first `n` entries (resuming a source that is not sorted)."""
+    for t in pages:
+        if n >= t.num_rows:
+            n -= t.num_rows
+            continue
+        yield t.slice(n) if n else t
+        n = 0
