@@ -34,6 +34,9 @@ class Position:
     last_url: str | None = None
 
 
+START = Position()  # a source read from its beginning
+
+
 @dataclass
 class ListingStats:
     """What a source has done so far, for the progress bar and the benchmark (read from
@@ -50,7 +53,7 @@ class Source(Protocol):
     sorted: bool  # pages come sorted by URL: `--relist` can compare listings by merging
     stats: ListingStats
 
-    def pages(self, after: Position = Position()) -> Iterator[pa.Table]:
+    def pages(self, after: Position = START) -> Iterator[pa.Table]:
         """The entries after `after`, in the source's deterministic order, as PAGE_SCHEMA
         tables. Raises InputError for an INPUT that cannot be read."""
         ...

@@ -34,6 +34,12 @@ class Shard:
         return len(self.entries)
 
 
+def url_path(url: str) -> str:
+    """The fsspec path of a URL we store: the URL without its protocol (a local path is
+    its own URL)."""
+    return url.split("://", 1)[1] if "://" in url else url
+
+
 def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
