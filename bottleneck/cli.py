@@ -36,11 +36,32 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="no live progress bar")
 
 
+def _add_input(p: argparse.ArgumentParser) -> None:
+    """How INPUT is read: the same for every sharded job."""
+    g = p.add_argument_group("INPUT")
+    g.add_argument("--input-format", default="auto",
+                   choices=["auto", "folder", "list", "inventory"],
+                   help="auto: a manifest.json is an S3 Inventory report, a .parquet/.csv/"
+                        ".jsonl file a list of paths (column `path`, optional `label`), "
+                        "anything else a folder or bucket prefix (default: auto)")
+    g.add_argument("--list-requests", type=int, default=None, metavar="N",
+                   help="listing requests in flight (default: 64 on object stores, 16 on "
+                        "a local disk)")
+    g.add_argument("--relist", action="store_true",
+                   help="list INPUT again: new files become new shards, vanished ones are "
+                        "named; without it a rerun reads the plan in OUTPUT and lists nothing")
+    g.add_argument("--prefix", default=None,
+                   help="for an inventory report: keep the keys under this prefix; labels "
+                        "are their first folder below it (default: every key)")
+
+
 def _add_extract(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("extract", help="images → Parquet VGG16 bottleneck features",
                        description="Turn INPUT/<label>/<images> into Parquet bottleneck features "
                                    "in OUTPUT, on a pool of Ray actors.")
-    p.add_argument("input", metavar="INPUT", help="folder or fsspec URL (s3://bucket/prefix)")
+    p.add_argument("input", metavar="INPUT",
+                   help="folder or fsspec URL (s3://bucket/prefix), a list file, or an S3 "
+                        "Inventory manifest.json")
     p.add_argument("output", metavar="OUTPUT", help="folder or fsspec URL for the Parquet dataset")
     p.add_argument("--weights", default="imagenet",
                    help="imagenet | random[:SEED] | path or URL of a .h5 / .weights.h5 file "
@@ -73,6 +94,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
                    help="tries per shard before it is reported as failed (default: 3)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an OUTPUT made with other settings or another INPUT")
+    _add_input(p)
     _add_common(p)
     p.set_defaults(func=cmd_extract)
 
@@ -173,6 +195,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--actors", type=int, default=None, help="(default: as extract)")
     p.add_argument("--gpus-per-actor", type=float, default=None, help="(default: as extract)")
     p.add_argument("--max-attempts", type=int, default=3, help="(default: 3)")
+    _add_input(p)
     _add_common(p)
     p.set_defaults(func=cmd_predict)
 

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from .errors import UsageError
 from .runner.manifest import MANIFEST, SUCCESS, read_manifest
 from .runner.output import ERRORS_DIR, count_rows, dataset_metadata, footer_rows, part_paths
+from .runner.plan import PLAN_DIR, read_state
 from .runner.planning import PART_RE, committed_shards, part_name
 from .storage import Storage, with_retries
 
@@ -61,7 +62,8 @@ def _column_counts(store: Storage, paths: list[str], column: str) -> dict[str, i
 def _sharded_output(store: Storage, names: set[str]) -> dict[str, Any]:
     manifest = read_manifest(store)
     done = committed_shards(names)
-    planned = manifest.shards if manifest else len(done)
+    plan = read_state(store.child(PLAN_DIR)) if PLAN_DIR in names else None
+    planned = plan.shards if plan else len(done)
     missing = sorted(set(range(planned)) - done)
     rows, errors = count_rows(store)
     kind = manifest.kind if manifest else "features"
@@ -72,6 +74,9 @@ def _sharded_output(store: Storage, names: set[str]) -> dict[str, Any]:
         "rows": rows, "errors": errors,
         "shards": {"planned": planned, "committed": len(done),
                    "missing": [part_name(i) for i in missing]},
+        # Whether INPUT was listed to its end: until then more shards may come.
+        "listing": ({"finished": plan.complete, "entries": plan.entries,
+                     "labels": plan.labels, "runs": plan.run + 1} if plan else None),
         f"{column}s": _column_counts(store, part_paths(store), column),
         "settings": manifest.settings if manifest else None,
         "bytes": _size(store, store.root),
@@ -134,6 +139,11 @@ def format_info(info: dict[str, Any]) -> str:
             lines.append(f"missing:  {shown}{more} (rerun the same command to finish)")
         if info.get("input"):
             lines.append(f"input:    {info['input']}")
+        listing = info.get("listing")
+        if listing:
+            lines.append(f"listing:  {listing['entries']} files planned"
+                         + ("" if listing["finished"] else
+                            ", NOT finished: rerun the same command to go on listing"))
     if "rows" in info:
         lines.append(f"rows:     {info['rows']}, {info['errors']} unreadable")
     for key in ("labels", "predictions"):

@@ -75,6 +75,8 @@ class FeatureSettings:
 @dataclass
 class DatasetMetadata:
     settings: FeatureSettings
+    # The labels of this file's shard. The dataset's whole class list, with counts, is in
+    # OUTPUT's _SUCCESS.json and _plan/_listed.json (known only once INPUT is listed).
     labels: list[str] = field(default_factory=list)
     # Where a weights file was read from (settings.weights holds its sha256), so that
     # `train` finds it again for the exported classifier.

@@ -139,7 +139,10 @@ def test_schema_metadata_records_the_settings(first_run):
     for p in out.glob("part-*.parquet"):
         schema = pq.read_schema(p)
         meta = read_metadata(schema)
-        assert meta.labels == ["cat", "dog"]
+        # Each part names the labels of its shard's files (unreadable ones too); the whole
+        # class list is in _SUCCESS.json.
+        rows = set(pq.read_table(p).column("label").to_pylist()) - {None}
+        assert rows <= set(meta.labels) <= {"cat", "dog"}
         s = meta.settings
         assert (s.weights, s.image_size, s.interpolation, s.pooling, s.dtype) == (
             "random:0", SIZE, "bilinear", "none", "float32")
@@ -185,13 +188,15 @@ def test_errors_table_has_each_bad_file_once_with_its_reason(first_run, tree):
 
 
 @pytest.mark.ray
-def test_markers_and_nothing_else_beside_the_results(first_run):
+def test_markers_and_nothing_else_beside_the_results(first_run, tree):
     out, _ = first_run
     marker = json.loads((out / SUCCESS).read_text())
     assert (marker["images"], marker["rows"], marker["errors"], marker["shards"]) == (23, 19, 4, 5)
     assert marker["settings"]["image_size"] == SIZE
     manifest = json.loads((out / MANIFEST).read_text())
-    assert (manifest["images"], manifest["shards"], manifest["shard_size"]) == (23, 5, SHARD)
+    assert manifest["shard_size"] == SHARD and manifest["input_url"] == str(tree["root"])
+    listed = json.loads((out / "_plan" / "_listed.json").read_text())
+    assert (listed["entries"], listed["shards"]) == (23, 5)
     # Everything that is not a result starts with _ or . (so readers skip it).
     for p in out.iterdir():
         assert p.name.startswith(("part-", "_", ".")), p.name
@@ -265,12 +270,18 @@ def test_another_input_into_the_same_output_is_refused(ray_cluster, tree, tmp_pa
     run_extract(options(tree, out, image_size=32, pooling="max"))
     with pytest.raises(OutputConflict, match="INPUT: "):
         run_extract(options(tree, out, image_size=32, pooling="max", input=str(other)))
-    # A file added to INPUT changes the listing: refused too.
+    # A file added to INPUT is not seen by a rerun, which reads the plan in OUTPUT; --relist
+    # plans it as a new shard, leaving the finished ones as they are.
     extra = tree["root"] / "cat" / "zz-late.jpg"
     extra.write_bytes((tree["root"] / "cat" / "img-001.jpg").read_bytes())
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
     try:
-        with pytest.raises(OutputConflict, match="INPUT listing changed: 23 files .* 24 now"):
-            run_extract(options(tree, out, image_size=32, pooling="max"))
+        again = run_extract(options(tree, out, image_size=32, pooling="max"))
+        assert (again.images, again.shards_run) == (23, 0)
+        relisted = run_extract(options(tree, out, image_size=32, pooling="max", relist=True))
+        assert (relisted.images, relisted.shards_run, relisted.rows) == (24, 1, 20)
+        assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")
+                if p.name in before} == before
     finally:
         extra.unlink()
 
@@ -377,7 +388,7 @@ def test_process_shard_in_process(extractor, tree):
     es = tuple(sorted([entry(p, tree["good"][p]) for p in good] + [entry(p, "x") for p in bad],
                       key=lambda e: e.path))
     seen = []
-    r = ex.process_shard(Shard(7, es), labels=("cat", "dog"),
+    r = ex.process_shard(Shard(7, es),
                          progress=lambda i, done, err: seen.append((i, done, err)))
     assert (r.index, r.rows, r.errors) == (7, 6, 2)
     assert r.seconds["total"] >= r.seconds["inference"] > 0
@@ -386,7 +397,9 @@ def test_process_shard_in_process(extractor, tree):
     assert t.column("path").to_pylist() == good
     assert t.column("label").to_pylist() == [tree["good"][p] for p in good]
     assert t.schema.field("features").type == pa.list_(pa.float32(), 512)
-    assert read_metadata(t.schema).labels == ["cat", "dog"]
+    # The labels of the shard's files, readable or not.
+    assert read_metadata(t.schema).labels == sorted({tree["good"][p] for p in good} - {None}
+                                                    | {"x"})
     errs = pq.read_table(out / "_errors" / "part-00007.parquet")
     assert sorted(errs.column("path").to_pylist()) == bad
     # Nothing but the committed files: the staging area is empty.
@@ -433,7 +446,7 @@ def a_manifest(**kw):
     from bottleneck.runner.manifest import Manifest
 
     base = dict(kind="features", settings={"image_size": 32, "pooling": "none"},
-                input_url="/in", listing_sha256="abc", images=10, shard_size=4, shards=3)
+                input_url="/in", shard_size=4)
     base.update(kw)
     return Manifest(**base)
 
@@ -503,7 +516,10 @@ def test_reader_counts_and_metadata_from_footers(first_run):
     assert count_rows(store) == (19, 4)
     assert [p.rsplit("/", 1)[-1] for p in part_paths(store)] == [
         f"part-0000{i}.parquet" for i in range(5)]
-    assert dataset_metadata(store).labels == ["cat", "dog"]
+    first = pq.read_table(out / "part-00000.parquet").column("label").to_pylist()
+    assert set(first) - {None} <= set(dataset_metadata(store).labels)  # its own shard's
+    # The whole class list, counting every file planned (unreadable ones too).
+    assert json.loads((out / "_SUCCESS.json").read_text())["labels"] == {"cat": 11, "dog": 10}
 
 
 @pytest.mark.ray
@@ -522,6 +538,7 @@ def test_info_names_the_missing_shards_of_a_half_finished_output(ray_cluster, tr
     info = json.loads(run_cli("info", str(half), "--json").stdout)
     assert info["kind"] == "features" and info["finished"] is False
     assert info["shards"] == {"planned": 5, "committed": 4, "missing": ["part-00002.parquet"]}
+    assert info["listing"]["finished"] is True and info["listing"]["entries"] == 23
     assert info["rows"] == 19 - pq.read_metadata(out / "part-00002.parquet").num_rows
     assert sum(info["labels"].values()) == info["rows"] and info["errors"] == 4
     assert info["settings"]["image_size"] == SIZE and info["feature_shape"] == [2, 2, 512]

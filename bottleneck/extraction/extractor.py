@@ -65,12 +65,13 @@ class Extractor:
             self._schemas[labels] = feature_schema(meta)
         return self._schemas[labels]
 
-    def process_shard(self, shard: Shard, labels: tuple[str, ...] = (),
-                      progress: ProgressFn | None = None) -> ShardResult:
-        """Extract and commit one shard; `labels` is the whole job's label list (metadata)."""
+    def process_shard(self, shard: Shard, progress: ProgressFn | None = None) -> ShardResult:
+        """Extract and commit one shard. Its file's metadata names the labels of the shard's
+        files (the whole dataset's are known only once INPUT is listed: `_SUCCESS.json`)."""
         t0 = time.perf_counter()
         infer = 0.0
-        with ShardWriter(self.out, self.schema(tuple(labels)), shard.index) as writer:
+        labels = tuple(sorted({e.label for e in shard.entries if e.label is not None}))
+        with ShardWriter(self.out, self.schema(labels), shard.index) as writer:
             def on_error(e: Entry, reason: str) -> None:
                 writer.add_error(e.url, reason)
 

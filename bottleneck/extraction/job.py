@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import UsageError, require_positive
 from ..images import DecodeOptions
-from ..inputs.listing import list_inputs, open_input
+from ..inputs import Source, open_source
 from ..model import PRECISIONS, WeightsSpec, resolve_weights
 from ..runner.job import RunOutcome, ShardedJob, preflight, run_options, run_sharded
 from ..runner.manifest import SUCCESS
@@ -47,6 +47,10 @@ class ExtractOptions:
     precision: str = "float32"
     max_attempts: int = 3
     progress: bool = True
+    relist: bool = False
+    list_requests: int | None = None
+    input_format: str = "auto"
+    prefix: str | None = None
 
 
 @dataclass
@@ -112,7 +116,7 @@ class ExtractSummary:
 @dataclass
 class CheckedExtract:
     options: ExtractOptions
-    source: Storage
+    source: Source
     out: Storage
     weights: WeightsSpec
     settings: FeatureSettings
@@ -137,7 +141,8 @@ def check_extract(o: ExtractOptions) -> CheckedExtract:
         DecodeOptions(o.image_size, o.interpolation)
     except ValueError as e:
         raise UsageError(f"--interpolation: {e}") from None
-    source, out = open_input(o.input, o.output, o.storage_options)
+    source, out = open_source(o.input, o.output, o.storage_options, o.input_format,
+                              o.list_requests, o.prefix)
     try:
         weights = resolve_weights(o.weights, o.storage_options)
     except (ValueError, FileNotFoundError, OSError) as e:
@@ -166,9 +171,8 @@ def extract_job(c: CheckedExtract) -> ShardedJob:
             storage_options=tuple(sorted(o.storage_options.items()))))
 
     return ShardedJob(name="extract", kind="features", source=c.source,
-                      list_inputs=partial(list_inputs, c.source), make_worker=make_worker,
-                      output=c.out, settings=c.settings.to_dict(), shard_size=o.shard_size,
-                      shard_args=lambda labels: (tuple(labels),))
+                      make_worker=make_worker, output=c.out, settings=c.settings.to_dict(),
+                      shard_size=o.shard_size)
 
 
 def run_extract(o: ExtractOptions, checked: CheckedExtract | None = None) -> ExtractSummary:
@@ -182,7 +186,7 @@ def run_extract(o: ExtractOptions, checked: CheckedExtract | None = None) -> Ext
         finished.append(summary)
         c.out.write_json_atomic({
             "images": summary.images, "rows": summary.rows, "errors": summary.errors,
-            "shards": summary.shards, "settings": c.settings.to_dict(),
+            "shards": summary.shards, "labels": run.labels, "settings": c.settings.to_dict(),
             "input": c.source.url, "storage_options": redact(o.storage_options),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "timing": summary.timing(),

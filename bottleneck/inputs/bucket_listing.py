@@ -18,7 +18,7 @@ import bisect
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -228,8 +228,10 @@ class KeyStore:
     Delimiter, 1,000 keys a page): the benchmark's store, and the tests' check of the
     lister against every layout of keys."""
 
-    def __init__(self, keys: list[str], page_keys: int = PAGE_KEYS):
-        self.keys = sorted(keys)
+    def __init__(self, keys: Sequence[str], page_keys: int = PAGE_KEYS, presorted: bool = False):
+        # Keys are unique in a bucket. `presorted`: `keys` is already sorted and unique (a
+        # computed sequence, so that the store costs no memory per key).
+        self.keys = keys if presorted else sorted(set(keys))
         self.page_keys = page_keys
 
     def __call__(self, prefix: str, start_after: str | None, delimiter: str | None

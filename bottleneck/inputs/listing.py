@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from ..errors import UsageError
 from ..runner.planning import Entry, url_path
 from ..storage import Storage, with_retries
-from .bucket_listing import PAGE_KEYS, BucketLister, ListPage
+from .bucket_listing import PAGE_KEYS, BucketLister, ListFn, ListPage
 from .source import START, InputError, ListingStats, Position, page
 from .tree_listing import TreeLister, fsspec_dir_reader, read_local_dir
 
@@ -70,8 +70,12 @@ class FolderSource:
     kind = "folder"
     sorted = True
 
-    def __init__(self, source: Storage, requests: int | None = None, allow_file: bool = False):
+    def __init__(self, source: Storage, requests: int | None = None, allow_file: bool = False,
+                 list_page: ListFn | None = None):
+        """`list_page` lists through that ListObjectsV2 function (keys relative to the
+        root) instead of the store's own listing: the listing benchmark's timed store."""
         self.storage = source
+        self.list_page = list_page
         self.url = source.url
         self.requests = requests or (LOCAL_LIST_REQUESTS if source.is_local
                                      else DEFAULT_LIST_REQUESTS)
@@ -100,10 +104,14 @@ class FolderSource:
     def _names(self, start_after: str | None) -> Iterator[list[str]]:
         """Pages of names relative to the root, sorted, after `start_after` (relative)."""
         s = self.storage
-        if s.protocol in ("s3", "s3a"):
+        if s.protocol in ("s3", "s3a") or self.list_page is not None:
             bucket, _, key = s.root.partition("/")
             prefix = f"{key}/" if key else ""
-            lister = BucketLister(s3_list_page(s, bucket, self.requests), prefix, self.requests)
+            if self.list_page is not None:
+                list_page, prefix = self.list_page, ""
+            else:
+                list_page = s3_list_page(s, bucket, self.requests)
+            lister = BucketLister(list_page, prefix, self.requests)
             n = len(prefix)
             first = None if start_after is None else prefix + start_after
             for keys in self._counted(lister, lister.pages(first)):
@@ -144,11 +152,12 @@ def s3_list_page(source: Storage, bucket: str, requests: int) -> Any:
     return list_page
 
 
-def list_inputs(source: Storage, allow_file: bool = False) -> list[Entry]:
+def list_inputs(source: Storage, allow_file: bool = False, requests: int | None = None
+                ) -> list[Entry]:
     """The whole listing at once, as entries (small INPUTs and tests; jobs stream pages).
     Raises InputError when the root is missing, or is a file without `allow_file`."""
     out = []
-    for t in FolderSource(source, allow_file=allow_file).pages():
+    for t in FolderSource(source, requests, allow_file=allow_file).pages():
         for url, label in zip(t.column("url").to_pylist(), t.column("label").to_pylist()):
             out.append(Entry(path=url_path(url), url=url, label=label))
     return out

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from ..errors import UsageError, require_positive
 from ..images import DecodeOptions
-from ..inputs.listing import list_inputs, open_input
+from ..inputs import Source, open_source
 from ..runner.job import ShardedJob, preflight, run_options, run_sharded
 from ..runner.output import read_errors, read_table
 from ..runner.planning import part_name
@@ -44,13 +44,17 @@ class PredictOptions:
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     max_attempts: int = 3
     progress: bool = True
+    relist: bool = False
+    list_requests: int | None = None
+    input_format: str = "auto"
+    prefix: str | None = None
 
 
 @dataclass
 class CheckedPredict:
     options: PredictOptions
     model_dir: Storage
-    source: Storage
+    source: Source
     settings: dict[str, Any]  # the feature settings the model was trained on
     parent: Storage | None  # the folder of --output
     staged: Storage | None  # its staging folder
@@ -91,14 +95,16 @@ def check_predict(o: PredictOptions) -> CheckedPredict:
         if not o.output.endswith(".parquet"):
             raise UsageError(f"--output must name a .parquet file, not {o.output}")
         parent_url = o.output.rstrip("/").rpartition("/")[0] or "."
-        source, parent = open_input(o.input, parent_url, o.storage_options, allow_file=True)
+        source, parent = open_source(o.input, parent_url, o.storage_options, o.input_format,
+                                     o.list_requests, o.prefix, allow_file=True)
         try:
             parent.check_writable()
         except Exception as e:  # noqa: BLE001
             raise UsageError(f"--output is not writable: {o.output}: {e}") from None
         staged = parent.child(f"_{_output_name(o.output)}.parts")
     else:
-        source, _ = open_input(o.input, None, o.storage_options, allow_file=True)
+        source, _ = open_source(o.input, None, o.storage_options, o.input_format,
+                                o.list_requests, o.prefix, allow_file=True)
     checked = CheckedPredict(o, model_dir, source, settings, parent, staged)
     preflight(predict_job(checked), run_options(o))
     return checked
@@ -117,7 +123,6 @@ def predict_job(c: CheckedPredict) -> ShardedJob:
             storage_options=tuple(sorted(o.storage_options.items()))))
 
     return ShardedJob(name="predict", kind="predictions", source=c.source,
-                      list_inputs=partial(list_inputs, c.source, allow_file=True),
                       make_worker=make_worker, output=c.staged,
                       settings={"model_dir": c.model_dir.url, "top_k": o.top_k, **s},
                       shard_size=o.shard_size, replace_on_mismatch=True)

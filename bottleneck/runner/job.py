@@ -1,7 +1,7 @@
-"""The one runner of every sharded job (extract, predict): lock → list ‖ start Ray → plan →
-manifest → actors → progress → outcome.
+"""The one runner of every sharded job (extract, predict): lock → manifest → plan (listed
+into OUTPUT as the shards run) ‖ start Ray → actors → progress → outcome.
 
-A job gives only what is its own (`ShardedJob`): how to list its inputs, how to build its
+A job gives only what is its own (`ShardedJob`): its INPUT (a `Source`), how to build its
 per-shard worker, and where its output goes. The runner does the rest, the same way for
 every job, and holds no Ray import itself (`pool` does).
 """
@@ -10,25 +10,19 @@ from __future__ import annotations
 
 import sys
 import time
+import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import UsageError
+from ..inputs.source import Source
 from ..storage import Storage
+from .feed import ShardFeed
 from .manifest import Manifest, check_resumable, prepare_output, read_manifest
 from .output import ShardResult
-from .planning import (
-    Entry,
-    Shard,
-    committed_shards,
-    labels_of,
-    listing_digest,
-    plan_remaining,
-    plan_shards,
-)
+from .plan import PLAN_DIR
+from .planning import committed_shards
 
 
 @dataclass
@@ -42,6 +36,7 @@ class RunOptions:
     max_attempts: int = 3
     progress: bool = True
     overwrite: bool = False
+    relist: bool = False
 
 
 def run_options(o: Any) -> RunOptions:
@@ -57,36 +52,37 @@ class ShardedJob:
 
     name: str  # "extract", "predict": what the log and the progress bar say
     kind: str  # what the rows are ("features", "predictions"), recorded in the manifest
-    source: Storage  # INPUT, recorded in the manifest
-    list_inputs: Callable[[], list[Entry]]  # called once, while Ray starts
+    source: Source  # INPUT: listed into the plan as the shards run
     # layout → a picklable callable that builds the per-shard worker inside an actor; the
-    # worker's `process_shard(shard, *args, progress=fn)` returns a ShardResult.
+    # worker's `process_shard(shard, progress=fn)` returns a ShardResult.
     make_worker: Callable[[Any], Callable[[], Any]]
-    output: Storage | None  # where manifest, lock and part files go; None: results only
+    output: Storage | None  # where manifest, plan, lock and part files go; None: results only
     settings: dict[str, Any]  # what the rows mean; a rerun with others is refused
     shard_size: int
-    # The extra arguments of each shard's call, from the whole listing's sorted labels
-    # (extract records them in every part file's metadata).
-    shard_args: Callable[[list[str]], tuple] = lambda labels: ()
     # With this, an OUTPUT made with other settings is replaced instead of refused (predict's
     # staging folder, which is the job's own).
     replace_on_mismatch: bool = False
+
+    def manifest(self) -> Manifest:
+        return Manifest(kind=self.kind, settings=self.settings, input_url=self.source.url,
+                        shard_size=self.shard_size)
 
 
 @dataclass
 class RunOutcome:
     """What a run did: the plan, what was done before, and this run's shard results."""
 
-    entries: int
-    labels: list[str]
-    shards: int
-    done_before: set[int]
+    entries: int = 0
+    labels: dict[str, int] = field(default_factory=dict)  # rows planned per label
+    shards: int = 0
+    done_before: set[int] = field(default_factory=set)
     results: list[ShardResult] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
     retries: int = 0
     seconds: float = 0.0
     where: str = ""
     layout: str = ""
+    listing: dict[str, Any] = field(default_factory=dict)  # the plan's _listed.json
 
     @property
     def ok(self) -> bool:
@@ -101,7 +97,7 @@ def preflight(job: ShardedJob, options: RunOptions) -> None:
     """Refuse early, before INPUT is listed or Ray starts, to add to an OUTPUT made with other
     settings, another INPUT or another shard size. Raises OutputConflict."""
     if job.output is not None and not options.overwrite and not job.replace_on_mismatch:
-        check_resumable(job.output, job.kind, job.settings, job.source.url, job.shard_size)
+        check_resumable(job.output, job.manifest())
 
 
 def run_sharded(job: ShardedJob, options: RunOptions,
@@ -115,38 +111,33 @@ def run_sharded(job: ShardedJob, options: RunOptions,
     any shard runs, and lock.LockLost if another job takes OUTPUT over mid-run.
     """
     from .lock import OutputLock
-    from .pool import ShardPool, choose_layout, cluster_size, connect
 
     t0 = time.perf_counter()
     lock = OutputLock(job.output) if job.output is not None else None
     with lock or nullcontext():
-        # List while Ray starts and the actors load their model: none needs the others.
-        # (Ray must start on the main thread, which owns the signal handlers.)
-        ex = ThreadPoolExecutor(1, thread_name_prefix="listing")
-        listing = ex.submit(job.list_inputs)
+        committed = resume_point(job, options.overwrite)
+        # Without OUTPUT the plan lives in this process' memory, read the same way.
+        plan = (job.output.child(PLAN_DIR) if job.output is not None
+                else Storage(f"memory://bottleneck-plan-{uuid.uuid4().hex}"))
+        feed = ShardFeed(plan, job.source, job.shard_size, committed, options.relist)
+        outcome = RunOutcome(done_before=committed)
         try:
-            where = connect(options.address)
-            cpus, gpus, node_cpus = cluster_size()
-            layout = choose_layout(cpus, gpus, options.actors, options.gpus_per_actor,
-                                   options.threads, node_cpus)
-            pool = ShardPool(job.make_worker(layout), layout, options.max_attempts)
-        except BaseException:  # Ctrl-C or a failed start: do not wait for the listing
-            ex.shutdown(wait=False, cancel_futures=True)
-            raise
-        try:
-            entries = listing.result()
-        except BaseException:
-            pool.shutdown()
-            raise
+            feed.start()
+            # A relist that finds nothing new needs no Ray: wait for its first new shard.
+            if feed.nothing_to_do or (options.relist and not feed.has_work()):
+                log(f"bottleneck {job.name}: all {feed.state.shards} shards in "
+                    f"{job.output.url if job.output else 'the plan'} are done; nothing to run"
+                    + ("" if options.relist else " (--relist looks for new files)"))
+            else:
+                _run_feed(job, options, feed, lock, on_result, outcome)
         finally:
-            ex.shutdown(wait=False, cancel_futures=True)
-        try:
-            outcome = _run_planned(job, options, pool, entries, lock, on_result,
-                                   RunOutcome(entries=len(entries), labels=labels_of(entries),
-                                              shards=0, done_before=set(), where=where,
-                                              layout=layout.describe()))
-        finally:
-            pool.shutdown()
+            feed.close()
+            if job.output is None:
+                plan.rm("", recursive=True)
+        _log_relist(feed.relist_report)
+        s = feed.state
+        outcome.entries, outcome.shards, outcome.labels = s.entries, s.shards, s.labels
+        outcome.listing = s.listed or {}
         outcome.seconds = time.perf_counter() - t0
         if outcome.ok and finish is not None:
             if lock:
@@ -155,51 +146,71 @@ def run_sharded(job: ShardedJob, options: RunOptions,
         return outcome
 
 
-def _run_planned(job: ShardedJob, options: RunOptions, pool: Any, entries: list[Entry],
-                 lock: Any, on_result: Callable[[ShardResult], None] | None,
-                 outcome: RunOutcome) -> RunOutcome:
+def _run_feed(job: ShardedJob, options: RunOptions, feed: ShardFeed, lock: Any,
+              on_result: Callable[[ShardResult], None] | None, outcome: RunOutcome) -> None:
+    from .pool import ShardPool, choose_layout, cluster_size, connect
     from .progress import ProgressBar
 
-    if not entries:
-        raise UsageError(f"INPUT has no files: {job.source.url}")
-    shards = plan_shards(entries, job.shard_size)
-    outcome.shards = len(shards)
-    outcome.done_before = done = resume_point(job, entries, len(shards), options.overwrite)
-    todo: list[Shard] = plan_remaining(shards, done)
-    log(f"bottleneck {job.name}: {len(entries)} files, {len(outcome.labels)} labels, "
-        f"{len(shards)} shards of {job.shard_size}; {len(done)} already done; on {outcome.where}")
-    if todo:
-        log(f"workers: {outcome.layout}")
-        with ProgressBar(sum(len(s) for s in todo), enabled=options.progress,
-                         desc=job.name) as bar:
-            for result in pool.run(todo, job.shard_args(outcome.labels), on_progress=bar.update,
-                                   should_stop=lock.check if lock else lambda: None):
+    # Ray starts (on the main thread, which owns the signal handlers) while INPUT is listed.
+    outcome.where = connect(options.address)
+    cpus, gpus, node_cpus = cluster_size()
+    layout = choose_layout(cpus, gpus, options.actors, options.gpus_per_actor,
+                           options.threads, node_cpus)
+    outcome.layout = layout.describe()
+    pool = ShardPool(job.make_worker(layout), layout, options.max_attempts)
+    s = feed.state
+    what = "listing" if feed.listing else f"{s.entries} files, {s.shards} shards"
+    log(f"bottleneck {job.name}: INPUT {job.source.url} ({job.source.kind}): {what}; "
+        f"{len(outcome.done_before)} shards already done; on {outcome.where}")
+    log(f"workers: {outcome.layout}")
+    try:
+        with ProgressBar(feed.todo_entries, enabled=options.progress, desc=job.name) as bar:
+            def progress(done: int, errors: int) -> None:
+                bar.set_total(feed.todo_entries)
+                if feed.listing:
+                    st = job.source.stats
+                    bar.note(listed=st.keys, req_s=round(st.requests / max(
+                        1e-9, time.perf_counter() - t_list)))
+                else:
+                    bar.note(listed=None, req_s=None)
+                bar.update(done, errors)
+
+            t_list = time.perf_counter()
+
+            def should_stop() -> None:
+                if lock:
+                    lock.check()
+
+            for result in pool.run(feed, on_progress=progress, should_stop=should_stop):
                 if on_result:
                     on_result(result)
                 result.table = None  # handed over: a job with no OUTPUT holds no rows
-        outcome.results = pool.outcome.results
-        outcome.failed = pool.outcome.failed
-        outcome.retries = pool.outcome.retries
-    else:
-        outcome.layout = ""
-    return outcome
+    finally:
+        pool.shutdown()
+    outcome.results = pool.outcome.results
+    outcome.failed = pool.outcome.failed
+    outcome.retries = pool.outcome.retries
 
 
-def resume_point(job: ShardedJob, entries: list[Entry], shards: int, overwrite: bool
-                 ) -> set[int]:
+def _log_relist(report: dict[str, Any]) -> None:
+    if report:
+        gone = f", e.g. {', '.join(report['vanished_first'])}" if report["vanished"] else ""
+        log(f"relist: {report['new']} new files planned; {report['vanished']} vanished{gone}"
+            + (f" (all in {PLAN_DIR}/{report['vanished_file']})" if report["vanished"] else ""))
+
+
+def resume_point(job: ShardedJob, overwrite: bool) -> set[int]:
     """Record this run's manifest in OUTPUT and return the shards already committed there
     (none without OUTPUT). Raises OutputConflict when OUTPUT was made otherwise, unless
     `overwrite`, or the job's `replace_on_mismatch`, clears it first."""
     if job.output is None:
         return set()
-    manifest = Manifest(kind=job.kind, settings=job.settings, input_url=job.source.url,
-                        listing_sha256=listing_digest(entries), images=len(entries),
-                        shard_size=job.shard_size, shards=shards)
+    manifest = job.manifest()
     if job.replace_on_mismatch and not overwrite:
         try:
             old = read_manifest(job.output)
             overwrite = old is not None and bool(manifest.mismatches(old))
-        except UsageError:  # unreadable: it is the job's own folder, start it again
+        except Exception:  # noqa: BLE001 - unreadable: it is the job's own folder, start again
             overwrite = True
     prepare_output(job.output, manifest, overwrite)
     return committed_shards(job.output.ls_names())

@@ -1,8 +1,9 @@
 """What OUTPUT remembers between runs: the job's manifest, its done-marker, and its lock.
 
-- ``_bottleneck.json``: the settings, listing fingerprint and shard size the dataset was
-  made with. A rerun with the same ones resumes; with others it is refused (or, with
-  --overwrite, OUTPUT is cleared first).
+- ``_bottleneck.json``: the settings, INPUT and shard size the dataset was made with. A
+  rerun with the same ones resumes; with others it is refused (or, with --overwrite,
+  OUTPUT is cleared first).
+- ``_plan/``: the shard plan, as listed (see `plan`).
 - ``_SUCCESS.json``: written last, with the counts of a finished job.
 - ``_lock.json``: held by a running job (see `lock.OutputLock`).
 """
@@ -15,6 +16,7 @@ from typing import Any
 from ..errors import UsageError
 from ..storage import Storage
 from .output import ERRORS_DIR
+from .plan import PLAN_DIR
 from .planning import PART_RE
 
 MANIFEST = "_bottleneck.json"
@@ -30,19 +32,13 @@ class Manifest:
     kind: str  # "features" or "predictions"
     settings: dict[str, Any]
     input_url: str
-    listing_sha256: str
-    images: int
     shard_size: int
-    shards: int
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
-    def mismatches(self, other: "Manifest", listing: bool = True) -> list[str]:
-        """What differs between two manifests, in words; empty when a resume is safe.
-
-        `listing=False` leaves out the listing fingerprint, for the check made before INPUT
-        is listed."""
+    def mismatches(self, other: "Manifest") -> list[str]:
+        """What differs between two manifests, in words; empty when a resume is safe."""
         diffs = []
         for k, name in (("kind", "kind"), ("input_url", "INPUT"), ("shard_size", "shard_size")):
             if getattr(self, k) != getattr(other, k):
@@ -51,10 +47,6 @@ class Manifest:
             a, b = self.settings.get(k), other.settings.get(k)
             if a != b:
                 diffs.append(f"{k}: {b!r} in OUTPUT, {a!r} now")
-        if (listing and self.input_url == other.input_url
-                and self.listing_sha256 != other.listing_sha256):
-            diffs.append(f"INPUT listing changed: {other.images} files when OUTPUT was made, "
-                         f"{self.images} now ({self.input_url})")
         return diffs
 
 
@@ -77,17 +69,11 @@ def read_manifest(out: Storage) -> Manifest | None:
                              "use --overwrite to replace what is there") from None
 
 
-def check_resumable(out: Storage, kind: str, settings: dict[str, Any], input_url: str,
-                    shard_size: int) -> None:
+def check_resumable(out: Storage, manifest: Manifest) -> None:
     """Refuse early (before INPUT is listed or Ray starts) to add to an OUTPUT made with
     other settings, another INPUT or another shard size. Raises OutputConflict."""
     old = read_manifest(out)
-    if old is None:
-        return
-    now = Manifest(kind=kind, settings=settings, input_url=input_url,
-                   listing_sha256=old.listing_sha256, images=old.images,
-                   shard_size=shard_size, shards=old.shards)
-    diffs = now.mismatches(old, listing=False)
+    diffs = manifest.mismatches(old) if old is not None else []
     if diffs:
         raise _conflict(out, diffs)
 
@@ -95,7 +81,7 @@ def check_resumable(out: Storage, kind: str, settings: dict[str, Any], input_url
 def result_names(out: Storage) -> list[str]:
     """Names in OUTPUT that are results or ours; users' files are left alone by --overwrite."""
     return [n for n in out.ls_names()
-            if PART_RE.match(n) or n in (MANIFEST, SUCCESS, ERRORS_DIR, "_tmp")]
+            if PART_RE.match(n) or n in (MANIFEST, SUCCESS, ERRORS_DIR, PLAN_DIR, "_tmp")]
 
 
 def prepare_output(out: Storage, manifest: Manifest, overwrite: bool) -> bool:

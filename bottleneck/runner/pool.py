@@ -19,7 +19,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .planning import Shard
 
@@ -278,6 +278,44 @@ class ShardActor:
         return result
 
 
+class ShardSource(Protocol):
+    """Where the pool takes shards from (`feed.ShardFeed`)."""
+
+    def next(self) -> Shard | None: ...  # None: none ready yet
+    @property
+    def finished(self) -> bool: ...  # no shard will come any more
+    def wait(self, timeout: float) -> None: ...
+
+
+class SequenceFeed:
+    """A fixed list of shards as a ShardSource."""
+
+    def __init__(self, shards: Sequence[Shard]):
+        self._left = deque(shards)
+        self.finished = False
+
+    def next(self) -> Shard | None:
+        if not self._left:
+            self.finished = True
+            return None
+        return self._left.popleft()
+
+    def wait(self, timeout: float) -> None:
+        self.finished = not self._left
+
+
+def _drain(feed: ShardSource) -> list[Shard]:
+    """The shards a feed still holds (a dead pool fails them all)."""
+    out: list[Shard] = []
+    while not feed.finished:
+        shard = feed.next()
+        if shard is None:
+            feed.wait(0.5)
+        else:
+            out.append(shard)
+    return out
+
+
 @dataclass
 class PoolOutcome:
     results: list[Any] = field(default_factory=list)
@@ -314,32 +352,40 @@ class ShardPool:
                        for _ in range(layout.actors)]
         self.dead_reason = ""
 
-    def run(self, shards: Sequence[Shard], args: tuple = (),
+    def run(self, feed: ShardSource | Sequence[Shard],
             on_progress: Callable[[int, int], None] | None = None,
             should_stop: Callable[[], None] = lambda: None) -> Iterator[Any]:
         """Yield each shard's result as it finishes; failures end up in `self.outcome`.
-        Each shard's call is `process_shard(shard, *args)`.
 
+        Shards are taken from `feed` as actors come free (a `ShardFeed`, which may still be
+        listing, or a plain sequence), so the pool holds only the shards in flight.
         `should_stop()` is called about twice a second and may raise to end the run (the
         caller then shuts the pool down, which kills shards in flight: commits are atomic).
         """
         ray = self.ray
+        feed = feed if hasattr(feed, "next") else SequenceFeed(feed)
         self.outcome = out = PoolOutcome()
-        queue: deque[Shard] = deque(shards)
+        retry: deque[Shard] = deque()  # taken from the feed, to run again elsewhere
         idle = list(range(len(self.actors)))
         in_flight: dict[Any, tuple[int, Shard]] = {}
         last_poll = 0.0
-        while queue or in_flight:
+        while True:
             if not idle and not in_flight:  # every actor is dead: what is left fails
-                for shard in queue:
+                for shard in [*retry, *_drain(feed)]:
                     out.failed[shard.index] = self.dead_reason
                 break
-            while queue and idle:
-                slot, shard = idle.pop(), queue.popleft()
+            while idle and (shard := retry.popleft() if retry else feed.next()) is not None:
+                slot = idle.pop()
                 call = self.actors[slot].process_shard.options(
                     max_task_retries=-1, retry_exceptions=True)
-                in_flight[call.remote(shard, *args)] = (slot, shard)
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
+                in_flight[call.remote(shard)] = (slot, shard)
+            if not in_flight:
+                if not retry and feed.finished:
+                    break
+                feed.wait(0.5)  # the listing has not planned the next shard yet
+                ready = []
+            else:
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
             for ref in ready:
                 slot, shard = in_flight.pop(ref)
                 try:
@@ -348,7 +394,7 @@ class ShardPool:
                     # Dead for good (its constructor raised: no model, no GPU memory…): the
                     # shard never ran, so it goes to another actor; this slot is retired.
                     self.dead_reason = short_error(e)
-                    queue.appendleft(shard)
+                    retry.append(shard)
                     continue
                 except ray.exceptions.RayError as e:
                     idle.append(slot)

@@ -1,55 +1,169 @@
-"""The driver's memory for a listing of many images: what holding the shard plan costs.
+"""Listing at scale: the parallel listing against one chain of requests, the first committed
+shard, and the driver's memory, on a store that answers each request after a fixed delay.
 
-    python -m bottleneck.tools.bench_listing --paths 1000000
+    python -m bottleneck.tools.bench_listing                  # 1M keys, 30 ms a request
+    python -m bottleneck.tools.bench_listing --keys 1000000 --job-keys 1000 1000000 4000000
 
-Builds a synthetic bucket listing (keys like `images/class042/img-0123456.jpg`, as
-`fs.find` returns them), then turns it into entries, a listing fingerprint and a shard plan,
-exactly as `bottleneck extract` does, and prints the resident memory each step adds.
+The store is `KeyStore` over computed keys (no memory per key), answering ListObjectsV2 as
+S3 does (Prefix, StartAfter, Delimiter, 1,000 keys a page), with `--delay` seconds of sleep
+before each answer: a bucket of millions of keys with S3's round trip cannot be made on this
+machine (moto holds every key in Python and answers one request at a time). Everything
+else is the product's code: `BucketLister` for the listing, and for the job figures the real
+runner, plan, Ray actors and extractor, reading real JPEGs for the first shards.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import json
+import os
+import resource
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-import psutil
-
-from ..runner.planning import listing_digest, make_entries, plan_shards
+from ..inputs.bucket_listing import BucketLister, KeyStore, timed
 
 
-def rss() -> int:
-    return psutil.Process().memory_info().rss
+class ComputedKeys(Sequence):
+    """`n` sorted keys computed from their index: 100 class folders, or one flat prefix."""
+
+    def __init__(self, n: int, layout: str, folders: int = 100):
+        self.n, self.layout, self.folders = n, layout, folders
+        self.per = -(-n // folders)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> str:  # type: ignore[override]
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        if self.layout == "flat":
+            return f"img-{i:08d}.jpg"
+        return f"class{i // self.per:03d}/img-{i:08d}.jpg"
+
+
+def sequential(list_page: Any) -> tuple[int, int]:
+    """One chain of requests, each starting after the last key: what a paginator (and
+    fsspec's find) does. Returns (keys, requests)."""
+    keys = requests = 0
+    start = None
+    while True:
+        page = list_page("", start, None)
+        requests += 1
+        keys += len(page.keys)
+        if not page.truncated or not page.keys:
+            return keys, requests
+        start = page.keys[-1]
+
+
+def bench_listing(n: int, layout: str, delay: float, requests: int) -> dict[str, Any]:
+    store = KeyStore(ComputedKeys(n, layout), presorted=True)
+    t = time.perf_counter()
+    seq_keys, seq_requests = sequential(timed(store, delay))
+    seq_s = time.perf_counter() - t
+    lister = BucketLister(timed(store, delay), "", requests)
+    t = time.perf_counter()
+    par_keys = sum(len(p) for p in lister.pages())
+    par_s = time.perf_counter() - t
+    assert par_keys == seq_keys == n, (par_keys, seq_keys, n)
+    return {"layout": layout, "keys": n, "delay_s": delay, "requests_in_flight": requests,
+            "sequential_s": round(seq_s, 2), "sequential_requests": seq_requests,
+            "parallel_s": round(par_s, 2), "parallel_requests": lister.requests,
+            "speedup": round(seq_s / par_s, 1)}
+
+
+def job_figures(n: int, delay: float, workdir: str) -> dict[str, Any]:
+    """In this process (run it in a fresh one: peak RSS is per process): a real extract job
+    over `n` keys, stopped once the listing is done and a shard is committed."""
+    from PIL import Image
+
+    from ..extraction.job import ExtractOptions, check_extract, extract_job
+    from ..inputs.listing import FolderSource
+    from ..runner.job import run_options, run_sharded
+    from ..storage import Storage
+
+    images = Path(workdir) / "images"
+    keys = ComputedKeys(n, "folders")
+    first = images / keys[0]
+    first.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 48), (120, 30, 200)).save(first)
+    for i in range(1, min(n, 512)):  # the first shards' files; the rest are never read
+        (images / keys[i]).parent.mkdir(parents=True, exist_ok=True)
+        os.link(first, images / keys[i])
+    o = ExtractOptions(input=str(images), output=str(Path(workdir) / "out"), weights="random",
+                       image_size=32, shard_size=256, actors=1, progress=False)
+    c = check_extract(o)
+    c.source = FolderSource(Storage(str(images)),
+                            list_page=timed(KeyStore(keys, presorted=True), delay))
+    job = extract_job(c)
+    t0 = time.perf_counter()
+    seen: dict[str, float] = {}
+    feed_done = job.source.stats
+
+    class Enough(Exception):
+        pass
+
+    def on_result(result: Any) -> None:
+        seen.setdefault("first_commit_s", time.perf_counter() - t0)
+        if Path(o.output, "_plan", "_listed.json").exists():
+            raise Enough
+
+    try:
+        run_sharded(job, run_options(o), on_result=on_result)
+    except Enough:
+        pass
+    listed = json.loads(Path(o.output, "_plan", "_listed.json").read_text())
+    return {"keys": n, "first_commit_s": round(seen["first_commit_s"], 2),
+            "listing_s": listed["seconds"], "listing_requests": feed_done.requests,
+            "plan_chunks": len(list(Path(o.output, "_plan").glob("chunk-*.parquet"))),
+            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                        / 1024)}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--paths", type=int, default=1_000_000)
-    p.add_argument("--shard-size", type=int, default=256)
+    p.add_argument("--keys", type=int, default=1_000_000, help="keys listed (default: 1M)")
+    p.add_argument("--delay", type=float, default=0.030,
+                   help="seconds before each answer (default: 0.030, S3 from EC2)")
+    p.add_argument("--requests", type=int, default=64, help="requests in flight (default: 64)")
+    p.add_argument("--job-keys", type=int, nargs="*", default=[1000, 1_000_000, 4_000_000],
+                   help="sizes of the job runs (default: 1k, 1M, 4M); none to skip them")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the figures")
+    p.add_argument("--job", type=int, default=None, help=argparse.SUPPRESS)  # child process
+    p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    gc.collect()
-    base = rss()
-    t0 = time.perf_counter()
-    root = "my-bucket/images"
-    keys = [f"{root}/class{i % 1000:03d}/img-{i:07d}.jpg" for i in range(a.paths)]
-    after_keys = rss()
-    entries = make_entries(root, keys, lambda k: "s3://" + k)
-    del keys
-    gc.collect()
-    after_entries = rss()
-    digest = listing_digest(entries)
-    shards = plan_shards(entries, a.shard_size)
-    del entries
-    gc.collect()
-    after_plan = rss()
-    mib = 2**20
-    print(f"{a.paths} paths, {len(shards)} shards of {a.shard_size}, digest {digest[:12]}…, "
-          f"{time.perf_counter() - t0:.1f}s")
-    print(f"raw listing (what fs.find returns): {(after_keys - base) / mib:.0f} MiB")
-    print(f"entries (path, URL, label):          {(after_entries - base) / mib:.0f} MiB")
-    print(f"the shard plan the driver keeps:     {(after_plan - base) / mib:.0f} MiB "
-          f"({(after_plan - base) / a.paths:.0f} bytes per image)")
+    if a.job is not None:
+        print(json.dumps(job_figures(a.job, a.delay, a.workdir)))
+        return 0
+    out: dict[str, Any] = {"listing": [], "jobs": []}
+    for layout in ("folders", "flat"):
+        r = bench_listing(a.keys, layout, a.delay, a.requests)
+        out["listing"].append(r)
+        print(f"listing {r['keys']:,} keys ({layout}), {a.delay * 1000:.0f} ms a request: "
+              f"one chain {r['sequential_s']}s / {r['sequential_requests']} requests; "
+              f"parallel {r['parallel_s']}s / {r['parallel_requests']} requests "
+              f"({a.requests} in flight): {r['speedup']}x", flush=True)
+    for n in a.job_keys:
+        with tempfile.TemporaryDirectory(prefix="bench-listing-") as tmp:
+            proc = subprocess.run([sys.executable, "-m", "bottleneck.tools.bench_listing",
+                                   "--job", str(n), "--delay", str(a.delay), "--workdir", tmp],
+                                  capture_output=True, text=True)
+        if proc.returncode:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            return 1
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        out["jobs"].append(r)
+        print(f"job over {n:,} keys: first shard committed after {r['first_commit_s']}s; "
+              f"listing {r['listing_s']}s ({r['listing_requests']} requests, "
+              f"{r['plan_chunks']} plan chunks); driver peak RSS {r['driver_peak_rss_mb']} MB",
+              flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=2))
     return 0
 
 
