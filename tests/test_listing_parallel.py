@@ -70,13 +70,14 @@ def test_bucket_lister_returns_the_sorted_listing(layout, requests, buffer):
     store = KeyStore(keys)
     want = [k for k in store.keys if k.startswith("p/")]
     lister = BucketLister(store, "p/", requests=requests, buffer_keys=buffer)
-    got = [k for page in lister.pages() for k in page]
+    got = [k for page in lister.pages() for k in page.to_pylist()]
     assert got == want
     sequential = -(-len(want) // 1000)
     assert lister.requests < 4 * sequential + 200  # cuts cost requests, but a bounded few
     # Resuming after any key gives exactly the rest.
     cut = want[len(want) // 3]
-    rest = [k for page in BucketLister(store, "p/", requests=requests).pages(cut) for k in page]
+    rest = [k for page in BucketLister(store, "p/", requests=requests).pages(cut)
+            for k in page.to_pylist()]
     assert rest == want[len(want) // 3 + 1:]
 
 

@@ -158,6 +158,8 @@ def test_rerun_does_nothing_then_resume_redoes_only_a_deleted_part(extracted):
     b.proxy.reset()
     again = run_extract(options(b))
     assert (again.shards_run, again.shards_skipped, again.rows, again.errors) == (0, 4, 10, 3)
+    # The plan in OUTPUT says what INPUT holds: INPUT is not listed again.
+    assert not [r for r in b.proxy.to(b.name) if r.is_list and "prefix=in" in r.query]
     assert not [r for r in b.proxy.to(b.name) if r.writes_object and "part-" in r.key]
     assert not [r for r in b.proxy.to(b.name) if r.key.startswith("in/") and r.method == "GET"]
     assert b.etags("out/part-") == before
@@ -173,8 +175,61 @@ def test_rerun_does_nothing_then_resume_redoes_only_a_deleted_part(extracted):
     assert after["out/part-00001.parquet"][0] == before["out/part-00001.parquet"][0]  # same bytes
     reads = sorted(r.key for r in b.proxy.to(b.name) if r.key.startswith("in/") and r.method == "GET")
     assert reads == extracted.files[SHARD:2 * SHARD]
+    assert not [r for r in b.proxy.to(b.name) if r.is_list and "prefix=in" in r.query]
     assert_committed_by_one_put(b, b.proxy.to(b.name))
     assert read_features(b).num_rows == 10
+
+
+def same_rows(bucket: S3Bucket, prefix: str, labels: bool = True) -> None:
+    """The dataset at `prefix` holds exactly the folder run's rows: paths, labels, features."""
+    got, want = read_features(bucket, prefix), read_features(bucket, "out")
+    assert got.column("path").to_pylist() == want.column("path").to_pylist()
+    if labels:
+        assert got.column("label").to_pylist() == want.column("label").to_pylist()
+    assert got.column("features").to_pylist() == want.column("features").to_pylist()
+    assert read_errors(bucket, prefix) == read_errors(bucket, "out")
+
+
+def test_a_list_file_in_the_bucket_is_an_input(extracted):
+    """A CSV of relative paths and labels, as img2dataset users keep: the same rows as the
+    listed folder, read in no listing at all."""
+    b = extracted.bucket
+    rows = ["path,label"] + [f"{k.removeprefix('in/')},{k.split('/')[1] if k.count('/') == 2 else ''}"
+                             for k in extracted.files]
+    b.put("in/list.csv", "\n".join(rows).encode())
+    try:
+        b.proxy.reset()
+        s = run_extract(options(b, out="out-list", input=b.url("in/list.csv")))
+        assert s.ok and (s.images, s.rows, s.errors) == (13, 10, 3)
+        assert not [r for r in b.proxy.to(b.name) if r.is_list and "prefix=in" in r.query]
+        same_rows(b, "out-list")
+    finally:
+        b.delete("in/list.csv")
+
+
+def test_an_s3_inventory_report_is_an_input(extracted):
+    """An inventory report (manifest.json + gzipped CSV, keys URL-encoded) of the bucket,
+    with --prefix in: the same rows as listing in/."""
+    import csv
+    import gzip
+    from urllib.parse import quote_plus
+
+    b = extracted.bucket
+    text = io.StringIO()
+    writer = csv.writer(text, quoting=csv.QUOTE_ALL, lineterminator="\n")
+    for k in ["other/x.jpg", *extracted.files]:
+        writer.writerow([b.name, quote_plus(k), "true", "false", "1"])
+    data_key = "inventory/data/0001.csv.gz"
+    b.put(data_key, gzip.compress(text.getvalue().encode()))
+    manifest = {"sourceBucket": b.name, "destinationBucket": f"arn:aws:s3:::{b.name}",
+                "version": "2016-11-30", "fileFormat": "CSV",
+                "fileSchema": "Bucket, Key, IsLatest, IsDeleteMarker, Size",
+                "files": [{"key": data_key, "size": 1, "MD5checksum": "x"}]}
+    b.put("inventory/2026-11-29T01-00Z/manifest.json", json.dumps(manifest).encode())
+    s = run_extract(options(b, out="out-inv", prefix="in",
+                            input=b.url("inventory/2026-11-29T01-00Z/manifest.json")))
+    assert s.ok and (s.images, s.rows, s.errors) == (13, 10, 3)
+    same_rows(b, "out-inv")
 
 
 def test_weights_from_a_bucket_with_storage_options_only(extracted, monkeypatch, tmp_path):

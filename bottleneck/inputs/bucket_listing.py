@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+
 from .keyspace import split_points
 
 PAGE_KEYS = 1000  # S3's most keys per ListObjectsV2 answer
@@ -45,7 +47,7 @@ class _Range:
     lo: str | None
     hi: str | None
     cursor: str | None = None  # the last key listed; the next request starts after it
-    pages: deque[list[str]] = field(default_factory=deque)
+    pages: deque[pa.Array] = field(default_factory=deque)
     buffered: int = 0
     busy: bool = False
     done: bool = False
@@ -58,7 +60,7 @@ class BucketLister:
     ahead of the one being read (past it, only the first range is listed)."""
 
     def __init__(self, list_page: ListFn, prefix: str, requests: int = 64,
-                 buffer_keys: int = 400_000, fanout: int = 8, seed_depth: int = 2):
+                 buffer_keys: int = 500_000, fanout: int = 8, seed_depth: int = 2):
         self.list_page = list_page
         self.prefix = prefix
         self.max_requests = max(1, requests)
@@ -69,19 +71,22 @@ class BucketLister:
         self.keys = 0
         self._cv = threading.Condition()
         self._ranges: list[_Range] = []
+        self._in_flight = 0
+        self._pool: ThreadPoolExecutor | None = None
         self._error: BaseException | None = None
         self._stopped = False
 
     # -- the consumer ----------------------------------------------------------------
-    def pages(self, start_after: str | None = None) -> Iterator[list[str]]:
+    def pages(self, start_after: str | None = None) -> Iterator[pa.Array]:
+        """Pages of keys (Arrow strings: compact while they wait in the buffer)."""
         self._ranges = self._seed(start_after)
-        workers = [threading.Thread(target=self._work, daemon=True, name=f"list-{i}")
-                   for i in range(self.max_requests)]
-        for w in workers:
-            w.start()
+        # Requests go to a thread pool; which range is asked next is decided in one place,
+        # under the lock, each time a request ends or the consumer frees buffer room.
+        self._pool = ThreadPoolExecutor(self.max_requests, thread_name_prefix="list")
         try:
             while True:
                 with self._cv:
+                    self._dispatch()
                     while True:
                         if self._error is not None:
                             raise self._error
@@ -94,14 +99,14 @@ class BucketLister:
                             break
                         if head.done:
                             self._ranges.pop(0)
-                            self._cv.notify_all()  # a new head may be listed past the cap
+                            self._dispatch()  # a new first range may be listed past the cap
                             continue
                         self._cv.wait()
                 yield keys
         finally:
             with self._cv:
                 self._stopped = True
-                self._cv.notify_all()
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- the workers -----------------------------------------------------------------
     def _seed(self, start_after: str | None) -> list[_Range]:
@@ -155,55 +160,62 @@ class BucketLister:
             held += r.buffered
         return self._ranges
 
-    def _next_range(self) -> _Range | None:
-        """The first range in the window that needs a request."""
+    def _dispatch(self) -> None:
+        """Send requests for the first ranges in the window that need one (lock held)."""
+        if self._stopped or self._error is not None:
+            return
         for r in self._window():
-            if not r.busy and not r.done:
-                return r
-        return None
-
-    def _work(self) -> None:
-        while True:
-            with self._cv:
-                while not self._stopped and self._error is None:
-                    r = self._next_range()
-                    if r is not None:
-                        break
-                    if not self._ranges:
-                        return
-                    self._cv.wait(timeout=1.0)
-                else:
-                    return
-                r.busy = True
-                start = r.cursor or r.lo
-            try:
-                page = self._request(self.prefix, start, None)
-            except BaseException:  # noqa: BLE001 - recorded by _request
+            if self._in_flight >= self.max_requests:
                 return
+            if not r.busy and not r.done:
+                r.busy = True
+                self._in_flight += 1
+                self._pool.submit(self._fetch, r, r.cursor or r.lo)
+
+    def _fetch(self, r: _Range, start: str | None) -> None:
+        try:
+            page = self._request(self.prefix, start, None)
+        except BaseException:  # noqa: BLE001 - recorded by _request for the consumer
             with self._cv:
-                self._take(r, page)
-                self._cv.notify_all()
+                self._in_flight -= 1
+            return
+        self._take(r, page)
 
     def _take(self, r: _Range, page: ListPage) -> None:
+        """Keep the page's keys that are `r`'s; without the lock (`r` is busy: nothing else
+        changes its bounds), then record them with it."""
         keys = page.keys
-        self.keys += len(keys)
+        ended = not page.truncated or not keys
         if r.hi is not None and keys and keys[-1] > r.hi:
             keys = keys[:bisect.bisect_right(keys, r.hi)]
-            r.done = True
-        if not page.truncated or not page.keys:
-            r.done = True
-        if keys:
-            r.pages.append(keys)
-            r.buffered += len(keys)
-            r.cursor = keys[-1]
-        r.busy = False
-        if not r.done:
-            self._split(r)
+            ended = True
+        # The system allocator: pages are made on the request threads and freed on the
+        # consumer's, which Arrow's default (mimalloc's per-thread heaps) holds on to.
+        arr = pa.array(keys, pa.string(), memory_pool=pa.system_memory_pool()) if keys else None
+        with self._cv:
+            self._in_flight -= 1
+            self.keys += len(page.keys)
+            r.done = ended
+            if arr is not None:
+                r.pages.append(arr)
+                r.buffered += len(arr)
+                r.cursor = keys[-1]
+            r.busy = False
+            if not r.done:
+                self._split(r)
+            self._dispatch()
+            self._cv.notify_all()
 
     def _split(self, r: _Range) -> None:
         """Give part of `r`'s rest to new chains while requests are to spare."""
-        spare = self.max_requests - sum(1 for x in self._window() if not x.done)
-        if spare <= 0 or r.cursor is None:
+        if r.cursor is None:
+            return
+        spare = self.max_requests - sum(1 for x in self._ranges if not x.done)
+        if spare <= 0 and self._ranges[0] is r:
+            # Ranges further on wait for the consumer (the buffer is full): the first range
+            # is what it waits for, so it takes the requests they cannot use.
+            spare = self.max_requests - sum(1 for x in self._window() if not x.done)
+        if spare <= 0:
             return
         cuts = split_points(r.cursor, r.hi, min(spare, self.fanout), floor=self.prefix)
         if not cuts:
@@ -240,6 +252,10 @@ class KeyStore:
         i = bisect.bisect_left(keys, prefix)
         if start_after is not None and start_after >= prefix:
             i = max(i, bisect.bisect_right(keys, start_after))
+        if not delimiter:  # a slice: the store's own work should not weigh on the lister
+            end = bisect.bisect_left(keys, prefix + "\U0010ffff", i) if prefix else len(keys)
+            j = min(i + self.page_keys, end)
+            return ListPage(list(keys[i:j]), [], j < end)
         out: list[str] = []
         prefixes: list[str] = []
         while i < len(keys) and len(out) + len(prefixes) < self.page_keys:

@@ -52,10 +52,10 @@ def open_input(input_url: str, output_url: str | None, storage_options: dict[str
     return source, out
 
 
-def labelled_page(relative: list[str], url_prefix: str) -> pa.Table:
+def labelled_page(relative: list[str] | pa.Array, url_prefix: str) -> pa.Table:
     """A page from names relative to INPUT: hidden names and folder markers left out, the
     first folder level as label, `url_prefix + name` as URL."""
-    rel = pa.array(relative, pa.string())
+    rel = relative if isinstance(relative, pa.Array) else pa.array(relative, pa.string())
     keep = pc.and_(pc.invert(pc.ends_with(rel, "/")),
                    pc.invert(pc.match_substring_regex(rel, r"(^|/)\.")))
     rel = rel.filter(pc.and_(keep, pc.greater(pc.utf8_length(rel), 0)))
@@ -101,7 +101,7 @@ class FolderSource:
             self.stats.keys += len(names)
             yield labelled_page(names, url_prefix)
 
-    def _names(self, start_after: str | None) -> Iterator[list[str]]:
+    def _names(self, start_after: str | None) -> Iterator[pa.Array]:
         """Pages of names relative to the root, sorted, after `start_after` (relative)."""
         s = self.storage
         if s.protocol in ("s3", "s3a") or self.list_page is not None:
@@ -115,16 +115,16 @@ class FolderSource:
             n = len(prefix)
             first = None if start_after is None else prefix + start_after
             for keys in self._counted(lister, lister.pages(first)):
-                yield [k[n:] for k in keys]
+                yield pc.utf8_slice_codeunits(keys, n) if n else keys
             return
         read = read_local_dir if s.is_local else fsspec_dir_reader(s.fs)
         tree = TreeLister(read, self.requests)
         n = len(s.root) + 1
         first = None if start_after is None else f"{s.root}/{start_after}"
         for paths in self._counted(tree, tree.pages(s.root, first)):
-            yield [p[n:] for p in paths]
+            yield pc.utf8_slice_codeunits(pa.array(paths, pa.string()), n)
 
-    def _counted(self, lister: Any, pages: Iterator[list[str]]) -> Iterator[list[str]]:
+    def _counted(self, lister: Any, pages: Iterator[Any]) -> Iterator[Any]:
         for p in pages:
             self.stats.requests = lister.requests
             yield p

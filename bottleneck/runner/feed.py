@@ -13,7 +13,7 @@ import heapq
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from typing import Any
 
@@ -44,8 +44,12 @@ class ShardFeed:
     that none will come. An error in the listing is raised by `next()`."""
 
     def __init__(self, store: Storage, source: Source, shard_size: int,
-                 committed: set[int], relist: bool = False):
+                 committed: set[int], relist: bool = False,
+                 guard: Callable[[], None] = lambda: None):
+        """`guard()` is called before each write to the plan and may raise to stop the
+        listing (OUTPUT's lock, lost to another job that now writes the plan)."""
         self.store = store
+        self.guard = guard
         self.source = source
         self.shard_size = shard_size
         self.committed = committed
@@ -153,6 +157,7 @@ class ShardFeed:
             if self.state.entries == 0 and self.writer.pending_rows == 0:
                 raise InputError(f"INPUT has no files: {self.source.url}")
             self.seconds = time.perf_counter() - t0
+            self.guard()
             self.writer.finish(self.source.stats.requests, self.seconds,
                                {"relist": self.relist_report} if self.relist_report else {})
             if self.relisting:
@@ -161,6 +166,7 @@ class ShardFeed:
             return
         except BaseException as e:  # noqa: BLE001 - raised in the runner's thread by next()
             try:  # keep the whole shards listed so far: a rerun goes on after them
+                self.guard()
                 self.writer.flush()
             except Exception:  # noqa: BLE001 - the listing's own error is the one to report
                 pass
@@ -177,6 +183,7 @@ class ShardFeed:
                 raise _Stopped
             w.add(page)
             if w.ready_shards >= CHUNK_SHARDS or (self._hungry and w.ready_shards):
+                self.guard()
                 w.flush()
                 self._flushed()
 

@@ -119,7 +119,8 @@ def run_sharded(job: ShardedJob, options: RunOptions,
         # Without OUTPUT the plan lives in this process' memory, read the same way.
         plan = (job.output.child(PLAN_DIR) if job.output is not None
                 else Storage(f"memory://bottleneck-plan-{uuid.uuid4().hex}"))
-        feed = ShardFeed(plan, job.source, job.shard_size, committed, options.relist)
+        feed = ShardFeed(plan, job.source, job.shard_size, committed, options.relist,
+                         guard=lock.check if lock else lambda: None)
         outcome = RunOutcome(done_before=committed)
         try:
             feed.start()

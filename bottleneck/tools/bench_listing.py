@@ -39,7 +39,9 @@ class ComputedKeys(Sequence):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int) -> str:  # type: ignore[override]
+    def __getitem__(self, i: int | slice) -> Any:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
         if not 0 <= i < self.n:
             raise IndexError(i)
         if self.layout == "flat":
@@ -62,7 +64,8 @@ def sequential(list_page: Any) -> tuple[int, int]:
 
 
 def bench_listing(n: int, layout: str, delay: float, requests: int) -> dict[str, Any]:
-    store = KeyStore(ComputedKeys(n, layout), presorted=True)
+    # The keys in a list: the store's own work must not weigh on the lister, in this process.
+    store = KeyStore(ComputedKeys(n, layout)[0:n], presorted=True)
     t = time.perf_counter()
     seq_keys, seq_requests = sequential(timed(store, delay))
     seq_s = time.perf_counter() - t
@@ -77,9 +80,27 @@ def bench_listing(n: int, layout: str, delay: float, requests: int) -> dict[str,
             "speedup": round(seq_s / par_s, 1)}
 
 
-def job_figures(n: int, delay: float, workdir: str) -> dict[str, Any]:
+def write_list_file(n: int, workdir: str) -> str:
+    """A Parquet list file of `n` rows (path, label), in row groups as pandas writes them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = str(Path(workdir) / "list.parquet")
+    keys = ComputedKeys(n, "folders")
+    with pq.ParquetWriter(path, pa.schema([("path", pa.string()), ("label", pa.string())])) as w:
+        for start in range(0, n, 100_000):
+            rel = keys[start:min(n, start + 100_000)]
+            w.write_table(pa.table({"path": [f"images/{k}" for k in rel],
+                                    "label": [k.split("/", 1)[0] for k in rel]}))
+    return path
+
+
+def job_figures(n: int, delay: float, requests: int, workdir: str, list_file: bool = False
+                ) -> dict[str, Any]:
     """In this process (run it in a fresh one: peak RSS is per process): a real extract job
-    over `n` keys, stopped once the listing is done and a shard is committed."""
+    over `n` keys (or `n` rows of a list file), stopped once the listing is done and a shard
+    is committed."""
+    import pyarrow as pa
     from PIL import Image
 
     from ..extraction.job import ExtractOptions, check_extract, extract_job
@@ -87,6 +108,7 @@ def job_figures(n: int, delay: float, workdir: str) -> dict[str, Any]:
     from ..runner.job import run_options, run_sharded
     from ..storage import Storage
 
+    pa.set_memory_pool(pa.system_memory_pool())  # as `bottleneck extract` does (cli.py)
     images = Path(workdir) / "images"
     keys = ComputedKeys(n, "folders")
     first = images / keys[0]
@@ -95,11 +117,13 @@ def job_figures(n: int, delay: float, workdir: str) -> dict[str, Any]:
     for i in range(1, min(n, 512)):  # the first shards' files; the rest are never read
         (images / keys[i]).parent.mkdir(parents=True, exist_ok=True)
         os.link(first, images / keys[i])
-    o = ExtractOptions(input=str(images), output=str(Path(workdir) / "out"), weights="random",
+    source = str(Path(workdir) / "list.parquet") if list_file else str(images)
+    o = ExtractOptions(input=source, output=str(Path(workdir) / "out"), weights="random",
                        image_size=32, shard_size=256, actors=1, progress=False)
     c = check_extract(o)
-    c.source = FolderSource(Storage(str(images)),
-                            list_page=timed(KeyStore(keys, presorted=True), delay))
+    if not list_file:
+        c.source = FolderSource(Storage(str(images)), requests,
+                                list_page=timed(KeyStore(keys, presorted=True), delay))
     job = extract_job(c)
     t0 = time.perf_counter()
     seen: dict[str, float] = {}
@@ -118,11 +142,24 @@ def job_figures(n: int, delay: float, workdir: str) -> dict[str, Any]:
     except Enough:
         pass
     listed = json.loads(Path(o.output, "_plan", "_listed.json").read_text())
-    return {"keys": n, "first_commit_s": round(seen["first_commit_s"], 2),
+    return {"keys": n, "input": "list file" if list_file else "bucket",
+            "first_commit_s": round(seen["first_commit_s"], 2),
             "listing_s": listed["seconds"], "listing_requests": feed_done.requests,
             "plan_chunks": len(list(Path(o.output, "_plan").glob("chunk-*.parquet"))),
-            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                                        / 1024)}
+            "driver_peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> int:
+    """This process' peak resident memory: VmHWM, which starts afresh at exec (ru_maxrss
+    keeps the forking parent's)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,14 +168,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delay", type=float, default=0.030,
                    help="seconds before each answer (default: 0.030, S3 from EC2)")
     p.add_argument("--requests", type=int, default=64, help="requests in flight (default: 64)")
-    p.add_argument("--job-keys", type=int, nargs="*", default=[1000, 1_000_000, 4_000_000],
-                   help="sizes of the job runs (default: 1k, 1M, 4M); none to skip them")
+    p.add_argument("--job-keys", type=int, nargs="*",
+                   default=[1000, 1_000_000, 4_000_000, 8_000_000],
+                   help="sizes of the job runs (default: 1k, 1M, 4M, 8M); none to skip them")
+    p.add_argument("--list-file-rows", type=int, nargs="*", default=[1_000_000],
+                   help="also run the job on a Parquet list file of this many rows "
+                        "(default: 1M); none to skip")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the figures")
     p.add_argument("--job", type=int, default=None, help=argparse.SUPPRESS)  # child process
+    p.add_argument("--list-file", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.job is not None:
-        print(json.dumps(job_figures(a.job, a.delay, a.workdir)))
+        print(json.dumps(job_figures(a.job, a.delay, a.requests, a.workdir, a.list_file)))
         return 0
     out: dict[str, Any] = {"listing": [], "jobs": []}
     for layout in ("folders", "flat"):
@@ -148,20 +190,25 @@ def main(argv: list[str] | None = None) -> int:
               f"one chain {r['sequential_s']}s / {r['sequential_requests']} requests; "
               f"parallel {r['parallel_s']}s / {r['parallel_requests']} requests "
               f"({a.requests} in flight): {r['speedup']}x", flush=True)
-    for n in a.job_keys:
+    runs = [(n, False) for n in a.job_keys] + [(n, True) for n in a.list_file_rows]
+    for n, list_file in runs:
         with tempfile.TemporaryDirectory(prefix="bench-listing-") as tmp:
+            if list_file:
+                write_list_file(n, tmp)
             proc = subprocess.run([sys.executable, "-m", "bottleneck.tools.bench_listing",
-                                   "--job", str(n), "--delay", str(a.delay), "--workdir", tmp],
+                                   "--job", str(n), "--delay", str(a.delay),
+                                   "--requests", str(a.requests), "--workdir", tmp,
+                                   *(["--list-file"] if list_file else [])],
                                   capture_output=True, text=True)
         if proc.returncode:
             print(proc.stderr[-3000:], file=sys.stderr)
             return 1
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         out["jobs"].append(r)
-        print(f"job over {n:,} keys: first shard committed after {r['first_commit_s']}s; "
-              f"listing {r['listing_s']}s ({r['listing_requests']} requests, "
-              f"{r['plan_chunks']} plan chunks); driver peak RSS {r['driver_peak_rss_mb']} MB",
-              flush=True)
+        print(f"job over {n:,} {'list file rows' if list_file else 'keys'}: first shard "
+              f"committed after {r['first_commit_s']}s; listing {r['listing_s']}s "
+              f"({r['listing_requests']} requests, {r['plan_chunks']} plan chunks); "
+              f"driver peak RSS {r['driver_peak_rss_mb']} MB", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2))
     return 0
