@@ -166,7 +166,7 @@ def test_killed_job_resumes_without_rewriting_or_duplicating(images, tmp_path):
     assert len(paths) == len(set(paths)) == 60
     errors = error_paths(out)
     assert errors == [str(images / "a" / "zz-broken.jpg")]  # once, not twice
-    assert f"{len(before)} already done" in r.stderr
+    assert f"{len(before)} shards already done" in r.stderr
 
 
 def test_killed_predict_resumes(tmp_path, images):
@@ -227,27 +227,32 @@ def test_second_run_on_same_output_is_refused_and_stale_lock_is_taken_over(image
 
 
 def test_job_killed_while_listing_resumes_the_listing(s3_server, tmp_path):  # noqa: F811
-    """A bucket listed slowly (every LIST answered after 0.4 s, one request in flight): the
-    job is killed once shards are planned and running but the listing is not finished. The
-    rerun lists only after the last planned key, and every file gives one row."""
+    """A bucket listed slowly (every LIST answered after 1 s, one request in flight, 30
+    pages: each folder holds 1,000 hidden thumbnails beside its 4 images): the job is killed
+    once shards are planned but the listing is not finished. The rerun lists only after the
+    last planned key, and every image gives one row."""
     from s3fixtures import Fault, aws_environ, new_bucket
 
     bucket = new_bucket(s3_server)
     bucket.put_images("in", {f"c{i:02d}": 4 for i in range(30)})
+    bucket.seed({f"in/c{i:02d}/.thumbs/{j:04d}.jpg": b"x" for i in range(30) for j in range(996)})
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
     env.update(aws_environ(s3_server.proxy.url), AWS_CONFIG_FILE=str(tmp_path / "none"),
                AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
     out = bucket.url("out")
     cmd = cli("extract", bucket.url("in"), out, "--weights", "random", "--image-size",
               str(SIZE), "--shard-size", "4", "--batch-size", "4", "--list-requests", "1")
-    slow_listing = Fault(method="GET", key=rf"^{bucket.name}/$", delay=0.4)
+    slow_listing = Fault(method="GET", key=rf"^{bucket.name}/$", delay=1.0)
     s3_server.proxy.faults.append(slow_listing)
     try:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
+        def planned() -> bool:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]  # it must not end first
+            return len([k for k in bucket.keys("out/_plan/") if "chunk-" in k]) >= 3
+
         try:
-            wait_for(lambda: len([k for k in bucket.keys("out/_plan/")
-                                  if "chunk-" in k]) >= 3, what="three plan chunks")
+            wait_for(planned, what="three plan chunks")
         finally:
             kill_group(proc)
     finally:

@@ -13,6 +13,7 @@ import pytest
 from bottleneck.inputs.source import START, InputError, ListingStats, Position, page, skip_entries
 from bottleneck.runner.feed import ShardFeed
 from bottleneck.runner.plan import CHUNK_SHARDS, LISTED, read_state
+from bottleneck.runner.pool import drain as drain_feed
 from bottleneck.storage import Storage
 
 
@@ -49,17 +50,9 @@ def urls(n: int) -> list[str]:
 
 
 def drain(feed: ShardFeed, out: list | None = None) -> list:
-    """Take every shard as the pool does: next(), wait while the listing has none ready.
-    Shards taken before an error are left in `out`."""
+    """Take every shard as the pool does; shards taken before an error are left in `out`."""
     feed.start()
-    out = [] if out is None else out
-    while not feed.finished:
-        s = feed.next()
-        if s is None:
-            feed.wait(0.05)
-        else:
-            out.append(s)
-    return out
+    return drain_feed(feed, out, poll=0.05)
 
 
 def store(tmp_path) -> Storage:

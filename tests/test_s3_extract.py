@@ -55,9 +55,9 @@ def put_inputs(bucket: S3Bucket) -> list[str]:
 
 
 def options(bucket: S3Bucket, out: str = "out", **kw) -> ExtractOptions:
-    kw = {"weights": f"random:{SEED}", **kw}
-    return ExtractOptions(input=bucket.url("in"), output=bucket.url(out), image_size=32,
-                          batch_size=4, shard_size=SHARD, progress=False, **kw)
+    kw = {"weights": f"random:{SEED}", "input": bucket.url("in"), **kw}
+    return ExtractOptions(output=bucket.url(out), image_size=32, batch_size=4,
+                          shard_size=SHARD, progress=False, **kw)
 
 
 def read_features(bucket: S3Bucket, prefix: str = "out"):
@@ -201,6 +201,7 @@ def test_a_list_file_in_the_bucket_is_an_input(extracted):
         b.proxy.reset()
         s = run_extract(options(b, out="out-list", input=b.url("in/list.csv")))
         assert s.ok and (s.images, s.rows, s.errors) == (13, 10, 3)
+        # The list file is checked with a HEAD and read; nothing under in/ is listed.
         assert not [r for r in b.proxy.to(b.name) if r.is_list and "prefix=in" in r.query]
         same_rows(b, "out-list")
     finally:

@@ -106,7 +106,7 @@ def test_split_is_the_same_wherever_the_images_were(tmp_path):
     held = []
     for k, root in enumerate(["/data/images", "s3://bucket/copy/images"]):
         out = Storage(str(tmp_path / f"features-{k}"))
-        prepare_output(out, Manifest("features", settings.to_dict(), root, "-", 100, 100, 1),
+        prepare_output(out, Manifest("features", settings.to_dict(), root, 100),
                        overwrite=False)
         with ShardWriter(out, feature_schema(DatasetMetadata(settings, ["a", "b"])), 0) as w:
             w.write_batch([f"{root}/{n}" for n in names], [n[0] for n in names],

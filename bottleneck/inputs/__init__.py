@@ -23,10 +23,12 @@ def open_source(input_url: str, output_url: str | None, storage_options: dict[st
     """INPUT as a Source, of the kind `input_format` names or, with "auto", that INPUT is
     (a manifest.json: an inventory report; a .parquet/.csv/.jsonl file: a list file; else a
     folder, or with `allow_file` one image), and OUTPUT as Storage. Checks only what costs
-    no listing: INPUT exists and is of that kind. Raises UsageError (InputError)."""
+    no listing: INPUT exists and is of that kind, unless OUTPUT holds a finished plan of it.
+    Raises UsageError (InputError)."""
+    from ..runner.manifest import input_listed
     from .inventory import InventorySource, is_inventory
     from .listfile import ListFileSource, is_list_file
-    from .listing import FolderSource, open_input
+    from .listing import FolderSource, open_input, probe_input
 
     if input_format not in INPUT_FORMATS:
         raise UsageError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}, "
@@ -40,13 +42,15 @@ def open_source(input_url: str, output_url: str | None, storage_options: dict[st
     if prefix is not None and kind != "inventory":
         raise UsageError("--prefix selects keys of an S3 Inventory report; INPUT "
                          f"{input_url} is read as a {kind}")
-    source, out = open_input(input_url, output_url, storage_options,
-                             allow_file=allow_file or kind != "folder")
+    source, out = open_input(input_url, output_url, storage_options, probe=False)
+    # A rerun over a finished plan of this INPUT sends INPUT no request at all.
+    probe = out is None or not input_listed(out, source.url)
+    if probe:
+        probe_input(source, allow_file=True if kind != "folder" else allow_file,
+                    file_only=kind != "folder")
     if kind == "inventory":
         return InventorySource(source.url, storage_options, prefix or ""), out
     if kind == "list":
-        if source.fs.isdir(source.root):
-            raise InputError(f"a list file INPUT must be a file, not a folder: {source.url}")
         return ListFileSource(source.url, storage_options), out
     return FolderSource(source, list_requests, allow_file=allow_file), out
 

@@ -27,29 +27,45 @@ LOCAL_LIST_REQUESTS = 16
 
 
 def open_input(input_url: str, output_url: str | None, storage_options: dict[str, Any],
-               allow_file: bool = False) -> tuple[Storage, Storage | None]:
-    """INPUT and OUTPUT as Storage, checked: INPUT exists and is reachable, is a folder (or,
-    with `allow_file`, a single file), and OUTPUT does not lie inside it (a rerun would
-    list OUTPUT as images). Raises UsageError (InputError) saying what is wrong."""
+               allow_file: bool = False, probe: bool = True) -> tuple[Storage, Storage | None]:
+    """INPUT and OUTPUT as Storage, checked: OUTPUT does not lie inside INPUT (a rerun would
+    list OUTPUT as images) and, with `probe`, INPUT exists and is reachable, and is a folder
+    (or, with `allow_file`, a single file). Raises UsageError (InputError) saying what is
+    wrong."""
     try:
         source = Storage(input_url, storage_options)
         out = Storage(output_url, storage_options) if output_url else None
     except (ValueError, ImportError) as e:
         raise UsageError(f"cannot open storage: {e}") from None
+    if (out is not None and out.protocol == source.protocol
+            and (out.root + "/").startswith(source.root + "/")):
+        raise InputError(f"OUTPUT {out.url} must not be inside INPUT {source.url}")
+    if probe:
+        probe_input(source, allow_file)
+    return source, out
+
+
+def probe_input(source: Storage, allow_file: bool, file_only: bool = False) -> None:
+    """INPUT exists, is reachable, and is a folder (or, with `allow_file`, a file; with
+    `file_only`, a file, checked with one HEAD and no listing)."""
+    fs, root = source.fs, source.root
     try:
-        exists = with_retries(lambda: source.fs.exists(source.root), what=f"exists {source.url}")
-        is_dir = exists and with_retries(lambda: source.fs.isdir(source.root),
-                                         what=f"info {source.url}")
+        if file_only:
+            info = with_retries(lambda: fs.info(root), what=f"info {source.url}")
+            exists, is_dir = True, info.get("type") == "directory"
+        else:
+            exists = with_retries(lambda: fs.exists(root), what=f"exists {source.url}")
+            is_dir = exists and with_retries(lambda: fs.isdir(root), what=f"info {source.url}")
+    except FileNotFoundError:
+        exists = False
     except Exception as e:  # noqa: BLE001 - credentials, endpoint, DNS…
         raise InputError(f"cannot reach INPUT {source.url}: {e}") from None
     if not exists:
         raise InputError(f"INPUT does not exist: {source.url}")
+    if file_only and is_dir:
+        raise InputError(f"INPUT must be a file here, not a folder: {source.url}")
     if not is_dir and not allow_file:
         raise InputError(f"INPUT must be a folder or bucket prefix, not a file: {source.url}")
-    if (out is not None and out.protocol == source.protocol
-            and (out.root + "/").startswith(source.root + "/")):
-        raise InputError(f"OUTPUT {out.url} must not be inside INPUT {source.url}")
-    return source, out
 
 
 def labelled_page(relative: list[str] | pa.Array, url_prefix: str) -> pa.Table:

@@ -73,12 +73,7 @@ class ShardFeed:
     @property
     def nothing_to_do(self) -> bool:
         """The plan is finished and every shard in it committed: no listing, no Ray."""
-        return not self.lists and self.writer.todo_entries == 0 and all(
-            i in self.committed for i in range(self.state.shards))
-
-    @property
-    def planned_entries(self) -> int:
-        return self.state.entries
+        return not self.lists and all(i in self.committed for i in range(self.state.shards))
 
     @property
     def todo_entries(self) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import UsageError
 from ..storage import Storage
 from .output import ERRORS_DIR
-from .plan import PLAN_DIR
+from .plan import LISTED, PLAN_DIR
 from .planning import PART_RE
 
 MANIFEST = "_bottleneck.json"
@@ -67,6 +67,17 @@ def read_manifest(out: Storage) -> Manifest | None:
     except (ValueError, KeyError, TypeError) as e:
         raise OutputConflict(f"OUTPUT {out.url} has an unreadable {MANIFEST} ({e!r}); "
                              "use --overwrite to replace what is there") from None
+
+
+def input_listed(out: Storage, input_url: str) -> bool:
+    """Whether OUTPUT holds a finished plan of INPUT `input_url`: then a rerun needs no
+    request to INPUT at all (a listing, or even a check that it exists)."""
+    try:
+        old = read_manifest(out)
+        return (old is not None and old.input_url == input_url
+                and out.exists(PLAN_DIR, LISTED))
+    except Exception:  # noqa: BLE001 - unreadable: the checks go on as for a new OUTPUT
+        return False
 
 
 def check_resumable(out: Storage, manifest: Manifest) -> None:

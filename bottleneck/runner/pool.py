@@ -304,13 +304,15 @@ class SequenceFeed:
         self.finished = not self._left
 
 
-def _drain(feed: ShardSource) -> list[Shard]:
-    """The shards a feed still holds (a dead pool fails them all)."""
-    out: list[Shard] = []
+def drain(feed: ShardSource, into: list[Shard] | None = None, poll: float = 0.5
+          ) -> list[Shard]:
+    """Every shard a feed still holds, waiting while it has none ready (a dead pool fails
+    them all). Shards taken before the feed raises are left in `into`."""
+    out: list[Shard] = [] if into is None else into
     while not feed.finished:
         shard = feed.next()
         if shard is None:
-            feed.wait(0.5)
+            feed.wait(poll)
         else:
             out.append(shard)
     return out
@@ -371,7 +373,7 @@ class ShardPool:
         last_poll = 0.0
         while True:
             if not idle and not in_flight:  # every actor is dead: what is left fails
-                for shard in [*retry, *_drain(feed)]:
+                for shard in [*retry, *drain(feed)]:
                     out.failed[shard.index] = self.dead_reason
                 break
             while idle and (shard := retry.popleft() if retry else feed.next()) is not None:
