@@ -57,7 +57,8 @@ class BucketLister:
     """`pages()` yields every key under `prefix` (after `start_after`), sorted, in pages.
 
     `requests` bounds the requests in flight; `buffer_keys` bounds the keys held for ranges
-    ahead of the one being read (past it, only the first range is listed)."""
+    ahead of the one being read (past it, only the ranges before the cap are listed, the
+    nearest first). Raises the first error of any request."""
 
     def __init__(self, list_page: ListFn, prefix: str, requests: int = 64,
                  buffer_keys: int = 500_000, fanout: int = 8, seed_depth: int = 2):
