@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import UsageError, require_positive
 from ..images import DecodeOptions
-from ..inputs import Source, open_source
+from ..inputs import InputOptions, Source, open_source
 from ..model import PRECISIONS, WeightsSpec, resolve_weights
 from ..runner.job import RunOutcome, ShardedJob, preflight, run_options, run_sharded
 from ..runner.manifest import SUCCESS
@@ -27,7 +27,7 @@ from .extractor import ExtractConfig, Extractor
 
 
 @dataclass
-class ExtractOptions:
+class ExtractOptions(InputOptions):
     input: str
     output: str
     weights: str = "imagenet"
@@ -47,10 +47,6 @@ class ExtractOptions:
     precision: str = "float32"
     max_attempts: int = 3
     progress: bool = True
-    relist: bool = False
-    list_requests: int | None = None
-    input_format: str = "auto"
-    prefix: str | None = None
 
 
 @dataclass
@@ -141,8 +137,7 @@ def check_extract(o: ExtractOptions) -> CheckedExtract:
         DecodeOptions(o.image_size, o.interpolation)
     except ValueError as e:
         raise UsageError(f"--interpolation: {e}") from None
-    source, out = open_source(o.input, o.output, o.storage_options, o.input_format,
-                              o.list_requests, o.prefix)
+    source, out = open_source(o.input, o.output, o.storage_options, o)
     try:
         weights = resolve_weights(o.weights, o.storage_options)
     except (ValueError, FileNotFoundError, OSError) as e:

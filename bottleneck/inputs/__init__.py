@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UsageError
@@ -16,11 +17,20 @@ from .source import InputError, Source
 INPUT_FORMATS = ("auto", "folder", "list", "inventory")
 
 
+@dataclass(kw_only=True)
+class InputOptions:
+    """How INPUT is read: the same options for every sharded job (extract, predict)."""
+
+    input_format: str = "auto"
+    list_requests: int | None = None  # listing requests in flight; None: by store
+    relist: bool = False  # list again and plan what is new (runner)
+    prefix: str | None = None  # an inventory report's key prefix
+
+
 def open_source(input_url: str, output_url: str | None, storage_options: dict[str, Any],
-                input_format: str = "auto", list_requests: int | None = None,
-                prefix: str | None = None, allow_file: bool = False
+                how: InputOptions | None = None, allow_file: bool = False
                 ) -> tuple[Source, Storage | None]:
-    """INPUT as a Source, of the kind `input_format` names or, with "auto", that INPUT is
+    """INPUT as a Source, of the kind `how.input_format` names or, with "auto", that INPUT is
     (a manifest.json: an inventory report; a .parquet/.csv/.jsonl file: a list file; else a
     folder, or with `allow_file` one image), and OUTPUT as Storage. Checks only what costs
     no listing: INPUT exists and is of that kind, unless OUTPUT holds a finished plan of it.
@@ -30,6 +40,8 @@ def open_source(input_url: str, output_url: str | None, storage_options: dict[st
     from .listfile import ListFileSource, is_list_file
     from .listing import FolderSource, open_input, probe_input
 
+    how = how or InputOptions()
+    input_format, list_requests, prefix = how.input_format, how.list_requests, how.prefix
     if input_format not in INPUT_FORMATS:
         raise UsageError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}, "
                          f"not {input_format!r}")
@@ -55,4 +67,4 @@ def open_source(input_url: str, output_url: str | None, storage_options: dict[st
     return FolderSource(source, list_requests, allow_file=allow_file), out
 
 
-__all__ = ["INPUT_FORMATS", "InputError", "Source", "open_source"]
+__all__ = ["INPUT_FORMATS", "InputError", "InputOptions", "Source", "open_source"]

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from ..errors import UsageError, require_positive
 from ..images import DecodeOptions
-from ..inputs import Source, open_source
+from ..inputs import InputOptions, Source, open_source
 from ..runner.job import ShardedJob, preflight, run_options, run_sharded
 from ..runner.output import read_errors, read_table
 from ..runner.planning import part_name
@@ -31,7 +31,7 @@ from .predictor import PredictConfig, Predictor
 
 
 @dataclass
-class PredictOptions:
+class PredictOptions(InputOptions):
     model_dir: str
     input: str
     output: str | None = None
@@ -44,10 +44,6 @@ class PredictOptions:
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     max_attempts: int = 3
     progress: bool = True
-    relist: bool = False
-    list_requests: int | None = None
-    input_format: str = "auto"
-    prefix: str | None = None
 
 
 @dataclass
@@ -95,16 +91,14 @@ def check_predict(o: PredictOptions) -> CheckedPredict:
         if not o.output.endswith(".parquet"):
             raise UsageError(f"--output must name a .parquet file, not {o.output}")
         parent_url = o.output.rstrip("/").rpartition("/")[0] or "."
-        source, parent = open_source(o.input, parent_url, o.storage_options, o.input_format,
-                                     o.list_requests, o.prefix, allow_file=True)
+        source, parent = open_source(o.input, parent_url, o.storage_options, o, allow_file=True)
         try:
             parent.check_writable()
         except Exception as e:  # noqa: BLE001
             raise UsageError(f"--output is not writable: {o.output}: {e}") from None
         staged = parent.child(f"_{_output_name(o.output)}.parts")
     else:
-        source, _ = open_source(o.input, None, o.storage_options, o.input_format,
-                                o.list_requests, o.prefix, allow_file=True)
+        source, _ = open_source(o.input, None, o.storage_options, o, allow_file=True)
     checked = CheckedPredict(o, model_dir, source, settings, parent, staged)
     preflight(predict_job(checked), run_options(o))
     return checked
