@@ -54,12 +54,11 @@ def open_source(input_url: str, output_url: str | None, storage_options: dict[st
     if prefix is not None and kind != "inventory":
         raise UsageError("--prefix selects keys of an S3 Inventory report; INPUT "
                          f"{input_url} is read as a {kind}")
-    source, out = open_input(input_url, output_url, storage_options, probe=False)
+    source, out = open_input(input_url, output_url, storage_options)
     # A rerun over a finished plan of this INPUT sends INPUT no request at all.
     probe = out is None or not input_listed(out, source.url)
     if probe:
-        probe_input(source, allow_file=True if kind != "folder" else allow_file,
-                    file_only=kind != "folder")
+        probe_input(source, allow_file or kind != "folder", file_only=kind != "folder")
     if kind == "inventory":
         return InventorySource(source.url, storage_options, prefix or ""), out
     if kind == "list":

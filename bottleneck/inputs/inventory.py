@@ -19,9 +19,8 @@ from urllib.parse import unquote_plus
 import pyarrow as pa
 
 from ..storage import Storage, with_retries
-from .listfile import one_line, reading
 from .listing import labelled_page
-from .source import START, InputError, ListingStats, Position, skip_entries
+from .source import START, InputError, ListingStats, Position, one_line, reading, skip_entries
 
 FORMATS = ("CSV", "Parquet", "ORC")
 COLUMNS = ("key", "is_latest", "is_delete_marker")  # the ones we read

@@ -12,13 +12,12 @@ import os
 import posixpath
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import IO, Any
 
 import pyarrow as pa
 
-from ..storage import Storage, is_transient, with_retries
-from .source import START, InputError, ListingStats, Position, page
+from ..storage import Storage, with_retries
+from .source import START, InputError, ListingStats, Position, one_line, page, reading
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".csv.gz": "csv", ".jsonl": "jsonl",
            ".ndjson": "jsonl", ".jsonl.gz": "jsonl", ".ndjson.gz": "jsonl"}
@@ -34,25 +33,6 @@ def list_format(url: str) -> str | None:
 def is_list_file(url: str) -> bool:
     """Whether INPUT names a list file we read (by its extension alone; nothing is opened)."""
     return list_format(url) is not None
-
-
-def one_line(e: BaseException) -> str:
-    """An exception as one short line, for an InputError's message."""
-    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
-
-
-@contextmanager
-def reading(what: str) -> Iterator[None]:
-    """Errors in the block as InputError("cannot read <what>: …"), except InputErrors and
-    transient storage errors (see `is_transient`), which pass as they are."""
-    try:
-        yield
-    except InputError:
-        raise
-    except Exception as e:  # filtered just below
-        if is_transient(e):
-            raise
-        raise InputError(f"cannot read {what}: {one_line(e)}") from e
 
 
 class ListFileSource:

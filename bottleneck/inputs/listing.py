@@ -26,12 +26,11 @@ DEFAULT_LIST_REQUESTS = 64
 LOCAL_LIST_REQUESTS = 16
 
 
-def open_input(input_url: str, output_url: str | None, storage_options: dict[str, Any],
-               allow_file: bool = False, probe: bool = True) -> tuple[Storage, Storage | None]:
-    """INPUT and OUTPUT as Storage, checked: OUTPUT does not lie inside INPUT (a rerun would
-    list OUTPUT as images) and, with `probe`, INPUT exists and is reachable, and is a folder
-    (or, with `allow_file`, a single file). Raises UsageError (InputError) saying what is
-    wrong."""
+def open_input(input_url: str, output_url: str | None, storage_options: dict[str, Any]
+               ) -> tuple[Storage, Storage | None]:
+    """INPUT and OUTPUT as Storage, with no request sent: OUTPUT must not lie inside INPUT
+    (a rerun would list OUTPUT as images). Raises UsageError (InputError) saying what is
+    wrong; `probe_input` checks that INPUT is there."""
     try:
         source = Storage(input_url, storage_options)
         out = Storage(output_url, storage_options) if output_url else None
@@ -40,8 +39,6 @@ def open_input(input_url: str, output_url: str | None, storage_options: dict[str
     if (out is not None and out.protocol == source.protocol
             and (out.root + "/").startswith(source.root + "/")):
         raise InputError(f"OUTPUT {out.url} must not be inside INPUT {source.url}")
-    if probe:
-        probe_input(source, allow_file)
     return source, out
 
 

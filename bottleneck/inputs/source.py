@@ -12,12 +12,14 @@ A source that stops part-way (a killed job) is resumed from a `Position`: a sort
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import pyarrow as pa
 
 from ..errors import UsageError
+from ..storage import is_transient
 
 PAGE_SCHEMA = pa.schema([("url", pa.string()), ("label", pa.string())])
 
@@ -71,3 +73,22 @@ def skip_entries(pages: Iterator[pa.Table], n: int) -> Iterator[pa.Table]:
             continue
         yield t.slice(n) if n else t
         n = 0
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one short line, for an InputError's message."""
+    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
+
+
+@contextmanager
+def reading(what: str) -> Iterator[None]:
+    """Errors in the block as InputError("cannot read <what>: …"), except InputErrors and
+    transient storage errors (see `is_transient`), which pass as they are."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as e:  # filtered just below
+        if is_transient(e):
+            raise
+        raise InputError(f"cannot read {what}: {one_line(e)}") from e

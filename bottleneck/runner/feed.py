@@ -25,6 +25,7 @@ from ..storage import Storage
 from .output import COMPRESSION
 from .plan import (
     CHUNK_SHARDS,
+    RELISTING,
     PlanWriter,
     plan_urls,
     read_chunk,
@@ -33,7 +34,6 @@ from .plan import (
 )
 from .planning import Shard
 
-RELISTING = "_relisting.json"  # a --relist under way: a rerun goes on with it
 VANISHED = "vanished-{run:06d}.parquet"
 
 
@@ -54,7 +54,7 @@ class ShardFeed:
         self.shard_size = shard_size
         self.committed = committed
         self.state = read_state(store)
-        self.relisting = relist or store.exists(RELISTING)
+        self.relisting = relist or self.state.relisting
         self.lists = self.relisting or not self.state.complete
         self.writer = PlanWriter(store, shard_size, self.state, committed)
         self.writer.todo_entries = self._todo_planned()
@@ -200,7 +200,7 @@ class ShardFeed:
             raise InputError(f"--relist compares sorted listings; INPUT {self.source.url} is a "
                              f"{self.source.kind}, read in its own order")
         s = self.state
-        if self.store.exists(RELISTING):
+        if s.relisting:
             # Interrupted: list again from the start; what this run planned counts as old.
             run = self.store.read_json(RELISTING)["run"]
         else:

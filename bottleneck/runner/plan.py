@@ -31,6 +31,7 @@ from .planning import Entry, Shard, url_path
 
 PLAN_DIR = "_plan"
 LISTED = "_listed.json"
+RELISTING = "_relisting.json"  # a --relist under way: a rerun goes on with it
 CHUNK_RE = re.compile(r"^chunk-(\d{6,})\.parquet$")
 PLAN_SCHEMA = pa.schema([("shard", pa.int64()), ("url", pa.string()), ("label", pa.string())])
 META_KEY = b"bottleneck_plan"
@@ -53,6 +54,7 @@ class PlanState:
     run: int = 0  # 0: the first listing; each --relist adds one
     relist: bool = False  # the current run is a relist (it diffs against earlier runs)
     labels: dict[str, int] = field(default_factory=dict)  # rows planned per label
+    relisting: bool = False  # a --relist was cut short: the next run goes on with it
     listed: dict[str, Any] | None = None  # _listed.json, once the listing is finished
 
     @property
@@ -71,6 +73,7 @@ def read_state(store: Storage) -> PlanState:
         state.labels = meta["labels"]
     if LISTED in names:
         state.listed = store.read_json(LISTED)
+    state.relisting = RELISTING in names
     return state
 
 
