@@ -61,7 +61,7 @@ class BucketLister:
     nearest first). Raises the first error of any request."""
 
     def __init__(self, list_page: ListFn, prefix: str, requests: int = 64,
-                 buffer_keys: int = 500_000, fanout: int = 8, seed_depth: int = 2):
+                 buffer_keys: int = 200_000, fanout: int = 8, seed_depth: int = 2):
         self.list_page = list_page
         self.prefix = prefix
         self.max_requests = max(1, requests)

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from ..inputs.source import InputError, Position, Source
 from ..storage import Storage
+from .memory import release_freed_memory
 from .output import COMPRESSION
 from .plan import (
     CHUNK_SHARDS,
@@ -187,6 +188,7 @@ class ShardFeed:
             return self._listing_done
 
     def _flushed(self, done: bool = False) -> None:
+        release_freed_memory()  # what the listing's pages left in malloc's free lists
         with self._cv:
             self._chunks_ready = self.state.chunks
             self._hungry = False

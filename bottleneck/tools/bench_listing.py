@@ -100,15 +100,15 @@ def job_figures(n: int, delay: float, requests: int, workdir: str, list_file: bo
     """In this process (run it in a fresh one: peak RSS is per process): a real extract job
     over `n` keys (or `n` rows of a list file), stopped once the listing is done and a shard
     is committed."""
-    import pyarrow as pa
     from PIL import Image
 
     from ..extraction.job import ExtractOptions, check_extract, extract_job
     from ..inputs.listing import FolderSource
     from ..runner.job import run_options, run_sharded
+    from ..runner.memory import configure_driver
     from ..storage import Storage
 
-    pa.set_memory_pool(pa.system_memory_pool())  # as `bottleneck extract` does (cli.py)
+    configure_driver()  # as `bottleneck extract` does
     images = Path(workdir) / "images"
     keys = ComputedKeys(n, "folders")
     first = images / keys[0]
