@@ -40,10 +40,13 @@ def _add_input(p: argparse.ArgumentParser) -> None:
     """How INPUT is read: the same for every sharded job."""
     g = p.add_argument_group("INPUT")
     g.add_argument("--input-format", default="auto",
-                   choices=["auto", "folder", "list", "inventory"],
-                   help="auto: a manifest.json is an S3 Inventory report, a .parquet/.csv/"
-                        ".jsonl file a list of paths (column `path`, optional `label`), "
-                        "anything else a folder or bucket prefix (default: auto)")
+                   choices=["auto", "folder", "list", "inventory", "webdataset", "parquet"],
+                   help="auto: a brace pattern, a .tar or a folder of .tar files is WebDataset; "
+                        "a .parquet file with an image column, or a folder of .parquet files "
+                        "and no images, Parquet tables of images; a manifest.json an S3 "
+                        "Inventory report; a .parquet/.csv/.jsonl file a list of paths "
+                        "(column `path`, optional `label`); anything else a folder of images "
+                        "(default: auto)")
     g.add_argument("--list-requests", type=int, default=None, metavar="N",
                    help="listing requests in flight (default: 64 on object stores, 16 on "
                         "a local disk)")
@@ -53,6 +56,15 @@ def _add_input(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefix", default=None,
                    help="for an inventory report: keep the keys under this prefix; labels "
                         "are their first folder below it (default: every key)")
+    g.add_argument("--label-field", default=None, metavar="FIELD",
+                   help="for WebDataset tars: the label is this field of KEY.json "
+                        "(default: the text of KEY.cls, when present)")
+    g.add_argument("--image-column", default=None, metavar="NAME",
+                   help="for Parquet tables: the column of encoded images (default: the "
+                        "Hugging Face Image column, or the only binary column)")
+    g.add_argument("--label-column", default=None, metavar="NAME",
+                   help="for Parquet tables: the label column; integer labels take their "
+                        "names from the Hugging Face ClassLabel metadata (default: `label`)")
 
 
 def _add_extract(sub: argparse._SubParsersAction) -> None:
@@ -60,8 +72,9 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
                        description="Turn INPUT/<label>/<images> into Parquet bottleneck features "
                                    "in OUTPUT, on a pool of Ray actors.")
     p.add_argument("input", metavar="INPUT",
-                   help="folder or fsspec URL (s3://bucket/prefix), a list file, or an S3 "
-                        "Inventory manifest.json")
+                   help="folder or fsspec URL (s3://bucket/prefix) of images or of WebDataset "
+                        ".tar shards, a brace pattern of tars (s3://b/{00000..00099}.tar), a "
+                        "Parquet table of images, a list file, or an S3 Inventory manifest.json")
     p.add_argument("output", metavar="OUTPUT", help="folder or fsspec URL for the Parquet dataset")
     p.add_argument("--weights", default="imagenet",
                    help="imagenet | random[:SEED] | path or URL of a .h5 / .weights.h5 file "
@@ -104,19 +117,11 @@ def _options(args: argparse.Namespace, *positional: str) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("func", "command", *positional)}
 
 
-def _driver_memory() -> None:
-    """This process is the job's driver: Arrow's system allocator for it. The listing makes
-    its pages on many threads and frees them on others, which the default allocator's
-    per-thread heaps hold on to (driver peak over 4M keys: 274 MB against 314 MB)."""
-    import pyarrow as pa
-
-    pa.set_memory_pool(pa.system_memory_pool())
-
-
 def cmd_extract(args: argparse.Namespace) -> int:
     from . import api
+    from .runner.memory import configure_driver
 
-    _driver_memory()
+    configure_driver()
 
     summary = api.extract(args.input, args.output, **_options(args, "input", "output"))
     print("\n".join(summary.lines()))
@@ -196,7 +201,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="classify images with a trained MODEL_DIR")
     p.add_argument("model_dir", metavar="MODEL_DIR")
-    p.add_argument("input", metavar="INPUT", help="an image, a folder, or an fsspec URL")
+    p.add_argument("input", metavar="INPUT",
+                   help="an image, a folder or fsspec URL of images, WebDataset tars or a "
+                        "Parquet table of images, or a list file (as for extract)")
     p.add_argument("--output", default=None, metavar="PREDICTIONS.parquet",
                    help="write every prediction to Parquet (default: print a table)")
     p.add_argument("--top-k", type=int, default=1,
@@ -214,8 +221,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from . import api
     from .prediction.job import format_rows, header
+    from .runner.memory import configure_driver
 
-    _driver_memory()
+    configure_driver()
     printed = False
 
     def show(table: object) -> None:  # each shard's predictions as it finishes

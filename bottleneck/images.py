@@ -10,9 +10,10 @@ right what Keras reads badly: 16-bit PNGs are scaled to 8 bits (Keras clips them
 EXIF orientation is applied, CMYK/palette/grey/alpha images become RGB, and a decompression
 bomb is an error instead of a crash.  Pure Pillow + NumPy: no TensorFlow, no Ray.
 
-`ShardImages` runs that path for a whole shard: reads and decodes on a small thread pool
-ahead of the model (Pillow releases the GIL while it decodes, TensorFlow while it
-computes), and hands out batches of pixels, so the model never waits.
+`ShardImages` runs that path for a whole shard: its reader (`inputs.samples`) gives the
+encoded images of the shard's files, tar members or table rows, which it decodes on a small
+thread pool ahead of the model (Pillow releases the GIL while it decodes, TensorFlow while
+it computes), and hands out batches of pixels, so the model never waits.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 if TYPE_CHECKING:
+    from .inputs.samples import Sample, SampleReader
     from .runner.planning import Entry
     from .storage import Storage
 
@@ -163,10 +165,11 @@ def preprocess(batch: np.ndarray) -> np.ndarray:
     return out
 
 
-def load_image(path: str, open_file: Callable[[str], bytes], options: DecodeOptions) -> np.ndarray:
-    """Read one image through `open_file` (storage) and decode it. Raises ImageError."""
+def read_file(read: Callable[[str], bytes], path: str) -> bytes:
+    """Read one image file through `read` (storage). Raises ImageError for what is the
+    file's fault; a store that keeps failing raises its own error (the shard is retried)."""
     try:
-        data = open_file(path)
+        return read(path)
     except FileNotFoundError:
         raise ImageError("file not found") from None
     except IsADirectoryError:
@@ -174,31 +177,34 @@ def load_image(path: str, open_file: Callable[[str], bytes], options: DecodeOpti
     except PermissionError:
         # Not transient (Storage does not retry it): one error row, not a failed shard.
         raise ImageError("permission denied") from None
-    return decode_image(data, options)
 
 
-def decode_stream(entries: tuple[Entry, ...], read: Callable[[str], bytes],
-                  options: DecodeOptions, pool: ThreadPoolExecutor,
+def load_image(path: str, open_file: Callable[[str], bytes], options: DecodeOptions) -> np.ndarray:
+    """Read one image file through `open_file` (storage) and decode it. Raises ImageError."""
+    return decode_image(read_file(open_file, path), options)
+
+
+def decode_stream(samples: Iterator[Sample], options: DecodeOptions, pool: ThreadPoolExecutor,
                   lookahead: int) -> Iterator[tuple[Entry, np.ndarray | None, str | None]]:
-    """Decode entries on `pool`, at most `lookahead` ahead, yielding them in order as
-    (entry, pixels, None) or (entry, None, reason)."""
-    def one(e: Entry) -> tuple[np.ndarray | None, str | None]:
+    """Load and decode samples on `pool`, at most `lookahead` ahead, yielding them in order
+    as (entry, pixels, None) or (entry, None, reason)."""
+    def one(s: Sample) -> tuple[np.ndarray | None, str | None]:
         try:
-            return load_image(e.path, read, options), None
+            return decode_image(s.load(), options), None
         except ImageError as err:
             return None, str(err)
 
     pending: deque[tuple[Entry, Future]] = deque()
-    it = iter(entries)
-    for e in it:
-        pending.append((e, pool.submit(one, e)))
+    it = iter(samples)
+    for s in it:
+        pending.append((s.entry, pool.submit(one, s)))
         if len(pending) >= lookahead:
             break
     while pending:
         e, fut = pending.popleft()
         nxt = next(it, None)
         if nxt is not None:
-            pending.append((nxt, pool.submit(one, nxt)))
+            pending.append((nxt.entry, pool.submit(one, nxt)))
         pixels, reason = fut.result()
         yield e, pixels, reason
 
@@ -225,33 +231,38 @@ def batched_pixels(stream: Iterator[tuple[Entry, np.ndarray | None, str | None]]
 class ShardImages:
     """Read → decode → batch, ahead of the model: the one image path of extract and predict.
 
-    Holds the decode thread pool and one fsspec filesystem per input protocol, reused
-    across shards.
+    `reader` turns a shard's plan entries into samples (files, tar members, table rows);
+    the decode thread pool and one fsspec filesystem per input protocol are reused across
+    shards.
     """
 
     def __init__(self, storage_options: dict[str, Any], decode: DecodeOptions, batch_size: int,
-                 decode_threads: int = 2):
+                 decode_threads: int = 2, reader: SampleReader | None = None):
+        from .inputs.samples import FileReader
+
         self.options = storage_options
         self.decode = decode
         self.batch_size = batch_size
+        self.reader = reader or FileReader()
         self.pool = ThreadPoolExecutor(max(1, decode_threads), thread_name_prefix="decode")
-        self._readers: dict[str, Storage] = {}
+        self._stores: dict[str, Storage] = {}
 
-    def _reader(self, url: str) -> Callable[[str], bytes]:
+    def storage_for(self, url: str) -> Storage:
         proto = url.split("://", 1)[0] if "://" in url else "file"
-        if proto not in self._readers:
+        if proto not in self._stores:
             from .storage import Storage
 
-            self._readers[proto] = Storage(url, self.options)
-        return self._readers[proto].read_bytes
+            self._stores[proto] = Storage(url, self.options)
+        return self._stores[proto]
 
     def batches(self, entries: tuple[Entry, ...], on_error: Callable[[Entry, str], None]
                 ) -> Iterator[tuple[list[Entry], np.ndarray]]:
-        """(entries, (n, S, S, 3) float32 RGB 0–255) batches; failures go to `on_error`."""
+        """(entries, (n, S, S, 3) float32 RGB 0–255) batches, the entries being the rows
+        (a tar's members, say, for a tar's entry); failures go to `on_error`."""
         if not entries:
             return iter(())
-        stream = decode_stream(entries, self._reader(entries[0].url), self.decode, self.pool,
-                               lookahead=2 * self.batch_size)
+        stream = decode_stream(self.reader.samples(entries, self.storage_for), self.decode,
+                               self.pool, lookahead=2 * self.batch_size)
         return batched_pixels(stream, self.batch_size, on_error)
 
     def close(self) -> None:

@@ -32,6 +32,7 @@ class ExtractConfig:
     batch_size: int = 32
     threads: int | None = None  # TensorFlow intra-op threads; None: TensorFlow's default
     decode_threads: int = 2
+    reader: Any = None  # inputs.samples.SampleReader of INPUT's kind; None: image files
     # repr=False: storage options may hold secrets, and reprs end up in logs.
     storage_options: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
 
@@ -51,7 +52,7 @@ class Extractor:
         self.config = config
         options = dict(config.storage_options)
         self.images = ShardImages(options, config.decode_options, config.batch_size,
-                                  config.decode_threads)
+                                  config.decode_threads, config.reader)
         self.out = Storage(config.output_url, options)
         self._schemas: dict[tuple[str, ...], Any] = {}
         s = config.settings
@@ -67,7 +68,8 @@ class Extractor:
 
     def process_shard(self, shard: Shard, progress: ProgressFn | None = None) -> ShardResult:
         """Extract and commit one shard. Its file's metadata names the labels of the shard's
-        files (the whole dataset's are known only once INPUT is listed: `_SUCCESS.json`)."""
+        plan entries (the whole dataset's are known only once INPUT is listed: `_SUCCESS.json`;
+        a tar's only once read: the footer's rows per label)."""
         t0 = time.perf_counter()
         infer = 0.0
         labels = tuple(sorted({e.label for e in shard.entries if e.label is not None}))

@@ -18,7 +18,7 @@ from ..inputs import InputOptions, Source, open_source
 from ..model import PRECISIONS, WeightsSpec, resolve_weights
 from ..runner.job import RunOutcome, ShardedJob, preflight, run_options, run_sharded
 from ..runner.manifest import SUCCESS
-from ..runner.output import ShardResult, count_rows
+from ..runner.output import ShardResult, count_labels, count_rows
 from ..runner.planning import part_name
 from ..runner.pool import check_address
 from ..schema import DTYPES, POOLINGS, FeatureSettings
@@ -62,6 +62,7 @@ class ExtractSummary:
     retries: int
     seconds: float
     layout: str = ""
+    listed: str = ""  # what a plan entry is when not an image (" tars")
     results: list[ShardResult] = field(default_factory=list)  # the shards run now
 
     @property
@@ -93,8 +94,8 @@ class ExtractSummary:
         rate = self.timing()["img_per_s"]
         out = [
             f"output:  {self.output}",
-            f"images:  {self.images} listed, {self.rows} rows written, {self.errors} unreadable "
-            f"(see _errors/)",
+            f"images:  {self.images}{self.listed} listed, {self.rows} rows written, "
+            f"{self.errors} unreadable (see _errors/)",
             f"shards:  {self.shards} in all, {self.shards_run} run now, {self.shards_skipped} "
             f"already done, {self.retries} retried",
             f"time:    {self.seconds:.1f}s"
@@ -162,7 +163,7 @@ def extract_job(c: CheckedExtract) -> ShardedJob:
         return partial(Extractor, ExtractConfig(
             settings=c.settings, weights=c.weights, output_url=c.out.url,
             batch_size=o.batch_size, threads=layout.threads,
-            decode_threads=layout.decode_threads,
+            decode_threads=layout.decode_threads, reader=c.source.reader,
             storage_options=tuple(sorted(o.storage_options.items()))))
 
     return ShardedJob(name="extract", kind="features", source=c.source,
@@ -181,8 +182,12 @@ def run_extract(o: ExtractOptions, checked: CheckedExtract | None = None) -> Ext
         finished.append(summary)
         c.out.write_json_atomic({
             "images": summary.images, "rows": summary.rows, "errors": summary.errors,
-            "shards": summary.shards, "labels": run.labels, "settings": c.settings.to_dict(),
-            "input": c.source.url, "storage_options": redact(o.storage_options),
+            "shards": summary.shards,
+            # A plan of tars knows no labels: they are counted in the part files then.
+            "labels": run.labels or (count_labels(c.out) if summary.rows else {}),
+            "settings": c.settings.to_dict(),
+            "input": c.source.url, "input_format": c.source.format,
+            "storage_options": redact(o.storage_options),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "timing": summary.timing(),
         }, SUCCESS)
@@ -198,5 +203,6 @@ def _summarize(c: CheckedExtract, run: RunOutcome) -> ExtractSummary:
     rows, errors = count_rows(c.out)
     return ExtractSummary(
         output=c.out.url, images=run.entries, rows=rows, errors=errors, shards=run.shards,
+        listed="" if c.source.entries_per_shard is None else " tars",
         shards_run=len(run.results), shards_skipped=len(run.done_before), failed=run.failed,
         retries=run.retries, seconds=run.seconds, layout=run.layout, results=run.results)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from collections import Counter
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -10,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..runner.output import COMPRESSION, write_errors
+from ..runner.output import COMPRESSION, LABEL_COUNTS_KEY, write_errors
 from ..runner.planning import part_name
 from ..storage import Storage
 
@@ -38,6 +40,7 @@ class ShardWriter:
         self.shard_index = shard_index
         self.rows = 0
         self.errors: list[tuple[str, str]] = []
+        self.labels: Counter[str] = Counter()
         self._ctx: AbstractContextManager[IO[bytes]] | None = None
         self._writer: pq.ParquetWriter | None = None
 
@@ -60,6 +63,7 @@ class ShardWriter:
         )
         self._writer.write_table(table)
         self.rows += len(urls)
+        self.labels.update(x for x in labels if x is not None)
 
     def add_error(self, url: str, reason: str) -> None:
         self.errors.append((url, reason))
@@ -69,6 +73,9 @@ class ShardWriter:
         assert self._ctx is not None and self._writer is not None
         if et is None:
             try:
+                # Rows per label, in the footer: a tar's labels are known only once it is read.
+                self._writer.add_key_value_metadata(
+                    {LABEL_COUNTS_KEY: json.dumps(dict(sorted(self.labels.items())))})
                 self._writer.close()
                 # Errors first: a shard counts as done only once its part file exists.
                 write_errors(self.out, self.shard_index, self.errors)

@@ -1,8 +1,12 @@
-"""Where images come from: each kind of INPUT streamed as pages of (url, label) entries.
+"""Where images come from: each kind of INPUT streamed as pages of (url, label) entries
+for the plan, and read by workers as samples (`samples.SampleReader`).
 
-- a folder or bucket prefix, listed in parallel (`listing.FolderSource`);
+- a folder or bucket prefix of image files, listed in parallel (`listing.FolderSource`);
 - a list file: Parquet, CSV or JSON lines with a `path` column (`listfile.ListFileSource`);
-- an S3 Inventory report's manifest.json (`inventory.InventorySource`).
+- an S3 Inventory report's manifest.json (`inventory.InventorySource`);
+- WebDataset tar shards, as img2dataset writes them (`webdataset.WebDatasetSource`);
+- Parquet tables holding the images, as Hugging Face writes them
+  (`parquet_images.ParquetImageSource`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from ..errors import UsageError
 from ..storage import Storage
 from .source import InputError, Source
 
-INPUT_FORMATS = ("auto", "folder", "list", "inventory")
+INPUT_FORMATS = ("auto", "folder", "list", "inventory", "webdataset", "parquet")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
 @dataclass(kw_only=True)
@@ -25,20 +30,25 @@ class InputOptions:
     list_requests: int | None = None  # listing requests in flight; None: by store
     relist: bool = False  # list again and plan what is new (runner)
     prefix: str | None = None  # an inventory report's key prefix
+    label_field: str | None = None  # WebDataset: the label is this field of KEY.json
+    image_column: str | None = None  # Parquet tables: the column of encoded images
+    label_column: str | None = None  # Parquet tables: the label column
 
 
 def open_source(input_url: str, output_url: str | None, storage_options: dict[str, Any],
                 how: InputOptions | None = None, allow_file: bool = False
                 ) -> tuple[Source, Storage | None]:
     """INPUT as a Source, of the kind `how.input_format` names or, with "auto", that INPUT is
-    (a manifest.json: an inventory report; a .parquet/.csv/.jsonl file: a list file; else a
-    folder, or with `allow_file` one image), and OUTPUT as Storage. Checks only what costs
-    no listing: INPUT exists and is of that kind, unless OUTPUT holds a finished plan of it.
-    Raises UsageError (InputError)."""
-    from ..runner.manifest import input_listed
-    from .inventory import InventorySource, is_inventory
-    from .listfile import ListFileSource, is_list_file
+    (a brace pattern or a .tar: WebDataset; a manifest.json: an inventory report; a .parquet
+    file with an image column: a Parquet table; a .parquet/.csv/.jsonl file: a list file;
+    a folder holding tars: WebDataset, holding .parquet files and no images: Parquet tables;
+    else a folder of images, or with `allow_file` one image), and OUTPUT as Storage. Checks
+    only what costs no listing (a folder's kind: one request): INPUT exists and is of that
+    kind, unless OUTPUT holds a finished plan of it. Raises UsageError (InputError)."""
+    from .inventory import InventorySource
+    from .listfile import ListFileSource
     from .listing import FolderSource, open_input, probe_input
+    from .webdataset import WebDatasetSource, is_brace_pattern
 
     how = how or InputOptions()
     input_format, list_requests, prefix = how.input_format, how.list_requests, how.prefix
@@ -47,23 +57,96 @@ def open_source(input_url: str, output_url: str | None, storage_options: dict[st
                          f"not {input_format!r}")
     if list_requests is not None and list_requests < 1:
         raise UsageError(f"--list-requests must be at least 1, not {list_requests}")
+    brace = is_brace_pattern(input_url)
+    source, out = open_input(_first(input_url) if brace else input_url, output_url,
+                             storage_options)
+    # A rerun over a finished plan of this INPUT sends INPUT no request at all: its kind is
+    # the one the plan was made with.
+    listed = None if out is None else listed_format(out, input_url if brace else source.url)
     kind = input_format
     if kind == "auto":
-        kind = ("inventory" if is_inventory(input_url)
-                else "list" if is_list_file(input_url) else "folder")
-    if prefix is not None and kind != "inventory":
-        raise UsageError("--prefix selects keys of an S3 Inventory report; INPUT "
-                         f"{input_url} is read as a {kind}")
-    source, out = open_input(input_url, output_url, storage_options)
-    # A rerun over a finished plan of this INPUT sends INPUT no request at all.
-    probe = out is None or not input_listed(out, source.url)
-    if probe:
-        probe_input(source, allow_file or kind != "folder", file_only=kind != "folder")
+        kind = listed or _detect(input_url, source, storage_options, brace)
+    for flag, value, kinds in (("--prefix", prefix, ("inventory",)),
+                               ("--label-field", how.label_field, ("webdataset",)),
+                               ("--image-column", how.image_column, ("parquet",)),
+                               ("--label-column", how.label_column, ("parquet",))):
+        if value is not None and kind not in kinds:
+            raise UsageError(f"{flag} is for {' or '.join(kinds)} INPUT; INPUT {input_url} "
+                             f"is read as {kind} (--input-format sets it)")
+    if brace and kind != "webdataset":
+        raise UsageError(f"a brace pattern names WebDataset tars; INPUT {input_url} is read "
+                         f"as {kind}")
+    if listed is None:  # a brace pattern: its first tar is there
+        probe_input(source, allow_file or kind != "folder",
+                    file_only=brace or kind in ("list", "inventory"))
     if kind == "inventory":
         return InventorySource(source.url, storage_options, prefix or ""), out
     if kind == "list":
         return ListFileSource(source.url, storage_options), out
+    if kind == "webdataset":
+        return WebDatasetSource(input_url if brace else source.url, storage_options,
+                                how.label_field, list_requests), out
+    if kind == "parquet":
+        from .parquet_images import ParquetImageSource
+
+        table = ParquetImageSource(source.url, storage_options, how.image_column,
+                                   how.label_column)
+        if listed is None:
+            table.check()
+        return table, out
     return FolderSource(source, list_requests, allow_file=allow_file), out
+
+
+def _first(pattern: str) -> str:
+    from braceexpand import braceexpand
+
+    return next(iter(braceexpand(pattern)))
+
+
+def _detect(url: str, source: Storage, storage_options: dict[str, Any], brace: bool) -> str:
+    """The kind of INPUT by its name, or for a folder by the first names listed in it (one
+    request): tars make it WebDataset, Parquet files without images a Parquet table."""
+    from .inventory import is_inventory
+    from .listfile import is_list_file
+    from .listing import first_names
+    from .webdataset import is_tar
+
+    if brace or is_tar(url):
+        return "webdataset"
+    if is_inventory(url):
+        return "inventory"
+    if url.lower().endswith(".parquet"):
+        from .parquet_images import is_image_table
+
+        try:
+            return "parquet" if is_image_table(source.url, storage_options) else "list"
+        except FileNotFoundError:
+            return "list"  # probe_input says that it is missing
+    if is_list_file(url):
+        return "list"
+    try:
+        names = [n.lower() for n in first_names(source)]
+    except Exception:  # noqa: BLE001 - probe_input says what is wrong with INPUT
+        return "folder"
+    if any(n.endswith(".tar") for n in names):
+        return "webdataset"
+    if (any(n.endswith(".parquet") for n in names)
+            and not any(n.endswith(IMAGE_SUFFIXES) for n in names)):
+        return "parquet"
+    return "folder"
+
+
+def listed_format(out: Storage, input_url: str) -> str | None:
+    """The INPUT format of OUTPUT's finished plan of `input_url`; None without one."""
+    from ..runner.manifest import input_listed, read_manifest
+
+    if not input_listed(out, input_url):
+        return None
+    try:
+        m = read_manifest(out)
+    except Exception:  # noqa: BLE001
+        return None
+    return (m.input_format if m else None) or "folder"
 
 
 __all__ = ["INPUT_FORMATS", "InputError", "InputOptions", "Source", "open_source"]

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from ..storage import Storage, with_retries
 from .listing import labelled_page
+from .samples import FileReader
 from .source import START, InputError, ListingStats, Position, one_line, reading, skip_entries
 
 FORMATS = ("CSV", "Parquet", "ORC")
@@ -126,6 +127,10 @@ class InventorySource:
     """
 
     kind = "inventory"
+    format = "inventory"
+    options: dict[str, Any] = {}
+    reader = FileReader()
+    entries_per_shard = None
     sorted = False
 
     def __init__(self, manifest_url: str, storage_options: dict[str, Any], prefix: str = ""):

@@ -17,6 +17,7 @@ from typing import IO, Any
 import pyarrow as pa
 
 from ..storage import Storage, with_retries
+from .samples import FileReader
 from .source import START, InputError, ListingStats, Position, one_line, page, reading
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".csv.gz": "csv", ".jsonl": "jsonl",
@@ -53,6 +54,10 @@ class ListFileSource:
     """
 
     kind = "list file"
+    format = "list"
+    options: dict[str, Any] = {}
+    reader = FileReader()
+    entries_per_shard = None
     sorted = False
 
     def __init__(self, url: str, storage_options: dict[str, Any], chunk_rows: int = 65536):

@@ -7,6 +7,7 @@ empty `name/` keys that consoles create for folders are not inputs.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +18,7 @@ from ..errors import UsageError
 from ..runner.planning import Entry, url_path
 from ..storage import Storage, with_retries
 from .bucket_listing import PAGE_KEYS, BucketLister, ListFn, ListPage
+from .samples import FileReader
 from .source import START, InputError, ListingStats, Position, page
 from .tree_listing import TreeLister, fsspec_dir_reader, read_local_dir
 
@@ -81,6 +83,10 @@ class FolderSource:
     time; with `allow_file`, a root that is one file is that file alone (predict)."""
 
     kind = "folder"
+    format = "folder"
+    options: dict[str, Any] = {}
+    reader = FileReader()
+    entries_per_shard = None
     sorted = True
 
     def __init__(self, source: Storage, requests: int | None = None, allow_file: bool = False,
@@ -177,6 +183,24 @@ def keys_only_session() -> Any:
     session = AioSession()
     session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
     return session
+
+
+def first_names(source: Storage, limit: int = PAGE_KEYS) -> list[str]:
+    """Up to `limit` names under `source`'s root, the first in path order (one LIST on a
+    bucket), to tell what kind of files INPUT holds. FileNotFoundError when it is missing."""
+    if source.protocol in ("s3", "s3a"):
+        bucket, _, key = source.root.partition("/")
+        keys = s3_list_page(source, bucket, 1)(f"{key}/" if key else "", None, None).keys
+        return keys[:limit]
+    if source.is_local:
+        names: list[str] = []
+        for _folder, dirs, files in os.walk(source.root):
+            dirs.sort()
+            names += sorted(files)
+            if len(names) >= limit:
+                break
+        return names[:limit]
+    return list(source.fs.find(source.root, maxdepth=2))[:limit]
 
 
 def list_inputs(source: Storage, allow_file: bool = False, requests: int | None = None

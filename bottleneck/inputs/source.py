@@ -14,12 +14,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 
 from ..errors import UsageError
 from ..storage import is_transient
+
+if TYPE_CHECKING:
+    from .samples import SampleReader
 
 PAGE_SCHEMA = pa.schema([("url", pa.string()), ("label", pa.string())])
 
@@ -52,8 +55,12 @@ class ListingStats:
 class Source(Protocol):
     url: str  # INPUT's identity, recorded in the manifest
     kind: str  # "folder", "list file", "inventory": what the log says
+    format: str  # its --input-format name, recorded in the manifest
+    options: dict[str, Any]  # what else changes its rows (a label field), in the manifest
     sorted: bool  # pages come sorted by URL: `--relist` can compare listings by merging
     stats: ListingStats
+    reader: SampleReader  # how a worker reads a shard's entries (picklable)
+    entries_per_shard: int | None  # entries in a shard when fixed (a tar); else --shard-size
 
     def pages(self, after: Position = START) -> Iterator[pa.Table]:
         """The entries after `after`, in the source's deterministic order, as PAGE_SCHEMA

@@ -113,7 +113,7 @@ def predict_job(c: CheckedPredict) -> ShardedJob:
         return partial(Predictor, PredictConfig(
             c.model_dir.url, o.batch_size, o.top_k, decode,
             staging_url=c.staged.url if c.staged else None, threads=layout.threads,
-            decode_threads=layout.decode_threads,
+            decode_threads=layout.decode_threads, reader=c.source.reader,
             storage_options=tuple(sorted(o.storage_options.items()))))
 
     return ShardedJob(name="predict", kind="predictions", source=c.source,

@@ -29,6 +29,7 @@ class PredictConfig:
     staging_url: str | None = None  # where shards are committed; None: returned to the driver
     threads: int | None = None
     decode_threads: int = 2
+    reader: Any = None  # inputs.samples.SampleReader of INPUT's kind; None: image files
     storage_options: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
 
 
@@ -55,7 +56,7 @@ class Predictor:
         self.run_model = BatchRunner(load_stored_model(store, "classifier.keras"),
                                      config.batch_size)
         self.images = ShardImages(options, config.decode, config.batch_size,
-                                  config.decode_threads)
+                                  config.decode_threads, config.reader)
         self.staged = Storage(config.staging_url, options) if config.staging_url else None
 
     def process_shard(self, shard: Shard, progress: Any = None) -> ShardResult:

@@ -63,9 +63,19 @@ class ShardedJob:
     # staging folder, which is the job's own).
     replace_on_mismatch: bool = False
 
+    def __post_init__(self) -> None:
+        # A source whose unit holds many images (a tar) fixes its shards: one unit each.
+        self.shard_size = self.source.entries_per_shard or self.shard_size
+
+    @property
+    def counts_images(self) -> bool:
+        """Whether a plan entry is one image (the progress bar's total is then known)."""
+        return self.source.entries_per_shard is None
+
     def manifest(self) -> Manifest:
         return Manifest(kind=self.kind, settings=self.settings, input_url=self.source.url,
-                        shard_size=self.shard_size)
+                        shard_size=self.shard_size, input_format=self.source.format,
+                        input_options=self.source.options)
 
 
 @dataclass
@@ -160,14 +170,17 @@ def _run_feed(job: ShardedJob, options: RunOptions, feed: ShardFeed, lock: Any,
     outcome.layout = layout.describe()
     pool = ShardPool(job.make_worker(layout), layout, options.max_attempts)
     s = feed.state
-    what = "listing" if feed.listing else f"{s.entries} files, {s.shards} shards"
+    unit = "files" if job.counts_images else job.source.kind
+    what = "listing" if feed.listing else f"{s.entries} {unit}, {s.shards} shards"
     log(f"bottleneck {job.name}: INPUT {job.source.url} ({job.source.kind}): {what}; "
         f"{len(outcome.done_before)} shards already done; on {outcome.where}")
     log(f"workers: {outcome.layout}")
     try:
-        with ProgressBar(feed.todo_entries, enabled=options.progress, desc=job.name) as bar:
+        total = feed.todo_entries if job.counts_images else None  # a tar's images: unknown
+        with ProgressBar(total, enabled=options.progress, desc=job.name) as bar:
             def progress(done: int, errors: int) -> None:
-                bar.set_total(feed.todo_entries)
+                if total is not None:
+                    bar.set_total(feed.todo_entries)
                 if feed.listing:
                     st = job.source.stats
                     bar.note(listed=st.keys, req_s=round(st.requests / max(

@@ -33,6 +33,10 @@ class Manifest:
     settings: dict[str, Any]
     input_url: str
     shard_size: int
+    # INPUT's --input-format and what else changes its rows (a label field); None in the
+    # manifests of OUTPUTs made before they were recorded: not compared.
+    input_format: str | None = None
+    input_options: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -40,8 +44,10 @@ class Manifest:
     def mismatches(self, other: "Manifest") -> list[str]:
         """What differs between two manifests, in words; empty when a resume is safe."""
         diffs = []
-        for k, name in (("kind", "kind"), ("input_url", "INPUT"), ("shard_size", "shard_size")):
-            if getattr(self, k) != getattr(other, k):
+        for k, name in (("kind", "kind"), ("input_url", "INPUT"), ("shard_size", "shard_size"),
+                        ("input_format", "INPUT format"), ("input_options", "INPUT options")):
+            a, b = getattr(self, k), getattr(other, k)
+            if a != b and a is not None and b is not None:
                 diffs.append(f"{name}: {getattr(other, k)!r} in OUTPUT, {getattr(self, k)!r} now")
         for k in sorted(set(self.settings) | set(other.settings)):
             a, b = self.settings.get(k), other.settings.get(k)
@@ -63,7 +69,7 @@ def read_manifest(out: Storage) -> Manifest | None:
         return None
     try:
         d = out.read_json(MANIFEST)
-        return Manifest(**{k: d[k] for k in Manifest.__dataclass_fields__})
+        return Manifest(**{k: d[k] for k in Manifest.__dataclass_fields__ if k in d})
     except (ValueError, KeyError, TypeError) as e:
         raise OutputConflict(f"OUTPUT {out.url} has an unreadable {MANIFEST} ({e!r}); "
                              "use --overwrite to replace what is there") from None

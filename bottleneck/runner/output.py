@@ -4,6 +4,8 @@ per-shard result that a worker hands back to the runner."""
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +19,7 @@ from .planning import PART_RE, part_name
 ERRORS_DIR = "_errors"
 # Features are mostly zeros after ReLU: zstd shrinks them several-fold at little CPU cost.
 COMPRESSION = "zstd"
+LABEL_COUNTS_KEY = "bottleneck.label_counts"  # a part file's rows per label (footer)
 
 
 @dataclass
@@ -81,6 +84,20 @@ def count_rows(store: Storage) -> tuple[int, int]:
     errors = sum(footer_rows(store, store.path(ERRORS_DIR, n))
                  for n in store.ls_names(ERRORS_DIR) if PART_RE.match(n))
     return rows, errors
+
+
+def count_labels(store: Storage) -> dict[str, int]:
+    """Rows per label of a whole feature OUTPUT, from the part files' footers (each part
+    counts its own: `LABEL_COUNTS_KEY`)."""
+    def read(path: str) -> dict[str, int]:
+        with store.fs.open(path, "rb") as f:
+            raw = (pq.ParquetFile(f).metadata.metadata or {}).get(LABEL_COUNTS_KEY.encode())
+        return json.loads(raw) if raw else {}
+
+    total: Counter[str] = Counter()
+    for p in part_paths(store):
+        total.update(with_retries(lambda p=p: read(p), what=f"read footer {p}"))
+    return dict(sorted(total.items()))
 
 
 def dataset_metadata(store: Storage) -> DatasetMetadata:
