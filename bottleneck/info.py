@@ -70,6 +70,7 @@ def _sharded_output(store: Storage, names: set[str]) -> dict[str, Any]:
     column = "label" if kind == "features" else "prediction"
     info: dict[str, Any] = {
         "kind": kind, "path": store.url, "input": manifest.input_url if manifest else None,
+        "input_format": manifest.input_format if manifest else None,
         "finished": SUCCESS in names and not missing,
         "rows": rows, "errors": errors,
         "shards": {"planned": planned, "committed": len(done),
@@ -138,10 +139,12 @@ def format_info(info: dict[str, Any]) -> str:
             more = f" … and {len(s['missing']) - 10} more" if len(s["missing"]) > 10 else ""
             lines.append(f"missing:  {shown}{more} (rerun the same command to finish)")
         if info.get("input"):
-            lines.append(f"input:    {info['input']}")
+            fmt = f" ({info['input_format']})" if info.get("input_format") else ""
+            lines.append(f"input:    {info['input']}{fmt}")
         listing = info.get("listing")
         if listing:
-            lines.append(f"listing:  {listing['entries']} files planned"
+            unit = "tars" if info.get("input_format") == "webdataset" else "files"
+            lines.append(f"listing:  {listing['entries']} {unit} planned"
                          + ("" if listing["finished"] else
                             ", NOT finished: rerun the same command to go on listing"))
     if "rows" in info:

@@ -11,6 +11,7 @@ for the plan, and read by workers as samples (`samples.SampleReader`).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +63,8 @@ def open_source(input_url: str, output_url: str | None, storage_options: dict[st
                              storage_options)
     # A rerun over a finished plan of this INPUT sends INPUT no request at all: its kind is
     # the one the plan was made with.
-    listed = None if out is None else listed_format(out, input_url if brace else source.url)
+    url = (input_url if "://" in input_url else os.path.abspath(input_url)) if brace else source.url
+    listed = None if out is None else listed_format(out, url)
     kind = input_format
     if kind == "auto":
         kind = listed or _detect(input_url, source, storage_options, brace)
@@ -84,7 +86,7 @@ def open_source(input_url: str, output_url: str | None, storage_options: dict[st
     if kind == "list":
         return ListFileSource(source.url, storage_options), out
     if kind == "webdataset":
-        return WebDatasetSource(input_url if brace else source.url, storage_options,
+        return WebDatasetSource(url, storage_options,
                                 how.label_field, list_requests), out
     if kind == "parquet":
         from .parquet_images import ParquetImageSource

@@ -101,7 +101,7 @@ class TarReader:
             yield from self.tar_samples(e.url, storage_for(e.url))
 
     def tar_samples(self, url: str, store: Storage) -> Iterator[Sample]:
-        path = url_path(url) if not store.is_local else url
+        path = url_path(url)
         try:
             f = store.fs.open(path, "rb", **({} if store.is_local else {"block_size": TAR_BLOCK}))
         except FileNotFoundError:
@@ -140,7 +140,7 @@ def read_tar(f: IO[bytes], url: str, label_field: str | None = None) -> Iterator
         yield _lost(url, f"not a tar file ({e})" if size else "empty tar file")
         return
     group = _Group(url, label_field)
-    seen: set[str] = set()
+    seen = _Seen()
     last = ""
     problem = None
     while problem is None:
@@ -157,9 +157,15 @@ def read_tar(f: IO[bytes], url: str, label_field: str | None = None) -> Iterator
         if not member.isfile():
             continue
         key, ext = split_key(member.name)
-        if not ext:
+        if not ext or not posixpath.basename(key):
+            # No key: a hidden file (macOS tar's `._KEY.jpg` beside `KEY.jpg`), which
+            # WebDataset skips too; as a group of its own it would split its neighbour.
             continue
-        if key != group.key or ext in group.members:
+        if key == group.key and ext in group.members:
+            yield Sample(Entry("", f"{url}#{key}@{member.offset}", None), failed(
+                f"duplicate member {member.name!r} at byte {member.offset}: the first is kept"))
+            continue
+        if key != group.key:
             yield from group.flush(seen)
             group = _Group(url, label_field, key, member.offset)
         if ext in IMAGE_EXTS or ext == "cls" or (ext == "json" and label_field):
@@ -177,6 +183,10 @@ def read_tar(f: IO[bytes], url: str, label_field: str | None = None) -> Iterator
             group.members[ext] = b""  # present, not needed
     if problem is None:
         yield from group.flush(seen)
+    elif group.key and group.whole(seen):
+        # The open sample has its image and its label: what is lost is what followed.
+        yield from group.flush(seen)
+        yield _lost(url, f"{problem}; the rest of the tar is lost")
     elif group.key:
         # The open sample may have lost members (its label, say): one error row for it,
         # saying that what followed in the tar is lost too.
@@ -198,7 +208,27 @@ def _end_problem(f: IO[bytes], offset: int, size: int, last: str) -> str | None:
         return f"tar cut short inside the header at byte {offset}{after}"
     if block.count(0) != tarfile.BLOCKSIZE:
         return f"broken tar header at byte {offset} of {size}{after}"
+    # A zero block ends the tar only if nothing but zeros follows: a header zeroed in the
+    # middle would otherwise drop the rest of the tar without a word.
+    pos = offset + tarfile.BLOCKSIZE
+    while pos < size:
+        chunk = f.read(min(2**20, size - pos))
+        if not chunk:
+            break
+        if chunk.count(0) != len(chunk):
+            at = pos + len(chunk) - len(chunk.lstrip(b"\0"))
+            return (f"broken tar header (all zeros) at byte {offset} of {size}{after}, "
+                    f"with data at byte {at}")
+        pos += len(chunk)
     return None
+
+
+@dataclass
+class _Seen:
+    """What a tar's samples so far were: their keys, and whether any had a label."""
+
+    keys: set[str] = field(default_factory=set)
+    labelled: bool = False
 
 
 @dataclass
@@ -212,7 +242,14 @@ class _Group:
     members: dict[str, bytes] = field(default_factory=dict)
     cut: str | None = None
 
-    def flush(self, seen: set[str]) -> Iterator[Sample]:
+    def whole(self, seen: _Seen) -> bool:
+        """Whether this sample, interrupted by damage after it, is surely complete: it has
+        an image, and a label unless the tar's earlier samples had none."""
+        has_image = any(x in self.members for x in IMAGE_EXTS)
+        return has_image and (self._label() is not None or (bool(seen.keys)
+                                                            and not seen.labelled))
+
+    def flush(self, seen: _Seen) -> Iterator[Sample]:
         if not self.key:
             return
         url = f"{self.url}#{self.key}"
@@ -220,11 +257,13 @@ class _Group:
         if self.cut:
             yield Sample(Entry("", url, label), failed(self.cut))
             return
-        if self.key in seen:
-            yield Sample(Entry("", url, label), failed(
+        if self.key in seen.keys:
+            # Named apart from the first sample's row, which keeps `TARURL#KEY`.
+            yield Sample(Entry("", f"{url}@{self.offset}", label), failed(
                 f"duplicate key {self.key!r} at byte {self.offset}: its first sample is kept"))
             return
-        seen.add(self.key)
+        seen.keys.add(self.key)
+        seen.labelled = seen.labelled or label is not None
         image = next((self.members[x] for x in IMAGE_EXTS if x in self.members), None)
         if image is None:
             have = ", ".join(sorted(self.members)) or "none"
