@@ -78,9 +78,10 @@ def open_source(input_url: str, output_url: str | None, storage_options: dict[st
     if brace and kind != "webdataset":
         raise UsageError(f"a brace pattern names WebDataset tars; INPUT {input_url} is read "
                          f"as {kind}")
+    found = None
     if listed is None:  # a brace pattern: its first tar is there
-        probe_input(source, allow_file or kind != "folder",
-                    file_only=brace or kind in ("list", "inventory"))
+        found = probe_input(source, allow_file or kind != "folder",
+                            file_only=brace or kind in ("list", "inventory"))
     if kind == "inventory":
         return InventorySource(source.url, storage_options, prefix or ""), out
     if kind == "list":
@@ -96,7 +97,7 @@ def open_source(input_url: str, output_url: str | None, storage_options: dict[st
         if listed is None:
             table.check()
         return table, out
-    return FolderSource(source, list_requests, allow_file=allow_file), out
+    return FolderSource(source, list_requests, allow_file=allow_file, root_type=found), out
 
 
 def _first(pattern: str) -> str:

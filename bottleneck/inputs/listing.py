@@ -44,27 +44,31 @@ def open_input(input_url: str, output_url: str | None, storage_options: dict[str
     return source, out
 
 
-def probe_input(source: Storage, allow_file: bool, file_only: bool = False) -> None:
-    """INPUT exists, is reachable, and is a folder (or, with `allow_file`, a file; with
-    `file_only`, a file, checked with one HEAD and no listing)."""
-    fs, root = source.fs, source.root
+def root_type(source: Storage) -> str | None:
+    """"file" or "directory", or None when INPUT's root does not exist: one HEAD on S3 (and
+    for a prefix one LIST of one key), never a listing of the prefix, however large."""
     try:
-        if file_only:
-            info = with_retries(lambda: fs.info(root), what=f"info {source.url}")
-            exists, is_dir = True, info.get("type") == "directory"
-        else:
-            exists = with_retries(lambda: fs.exists(root), what=f"exists {source.url}")
-            is_dir = exists and with_retries(lambda: fs.isdir(root), what=f"info {source.url}")
+        info = with_retries(lambda: source.fs.info(source.fresh(source.root)),
+                            what=f"info {source.url}")
     except FileNotFoundError:
-        exists = False
+        return None
+    return "directory" if info.get("type") == "directory" else "file"
+
+
+def probe_input(source: Storage, allow_file: bool, file_only: bool = False) -> str:
+    """INPUT exists, is reachable, and is a folder (or, with `allow_file`, a file; with
+    `file_only`, a file). Returns what it is, "file" or "directory"; raises InputError."""
+    try:
+        kind = root_type(source)
     except Exception as e:  # noqa: BLE001 - credentials, endpoint, DNS…
         raise InputError(f"cannot reach INPUT {source.url}: {e}") from None
-    if not exists:
+    if kind is None:
         raise InputError(f"INPUT does not exist: {source.url}")
-    if file_only and is_dir:
+    if file_only and kind == "directory":
         raise InputError(f"INPUT must be a file here, not a folder: {source.url}")
-    if not is_dir and not allow_file:
+    if kind == "file" and not allow_file:
         raise InputError(f"INPUT must be a folder or bucket prefix, not a file: {source.url}")
+    return kind
 
 
 def labelled_page(relative: list[str] | pa.Array, url_prefix: str) -> pa.Table:
@@ -90,9 +94,11 @@ class FolderSource:
     sorted = True
 
     def __init__(self, source: Storage, requests: int | None = None, allow_file: bool = False,
-                 list_page: ListFn | None = None):
+                 list_page: ListFn | None = None, root_type: str | None = None):
         """`list_page` lists through that ListObjectsV2 function (keys relative to the
-        root) instead of the store's own listing: the listing benchmark's timed store."""
+        root) instead of the store's own listing: the listing benchmark's timed store.
+        `root_type` is what `probe_input` found the root to be, if it was just asked."""
+        self.root_type = root_type
         self.storage = source
         self.list_page = list_page
         self.url = source.url
@@ -103,10 +109,10 @@ class FolderSource:
 
     def pages(self, after: Position = START) -> Iterator[pa.Table]:
         s = self.storage
-        root = s.fresh(s.root)
-        if not with_retries(lambda: s.fs.exists(root), what=f"exists {s.url}"):
+        kind = self.root_type or root_type(s)
+        if kind is None:
             raise InputError(f"INPUT does not exist: {s.url}")
-        if with_retries(lambda: s.fs.isfile(root), what=f"info {s.url}"):
+        if kind == "file":
             if not self.allow_file:
                 raise InputError(f"INPUT must be a folder or bucket prefix, not a file: {s.url}")
             if after.entries == 0:
