@@ -170,7 +170,7 @@ def _run_feed(job: ShardedJob, options: RunOptions, feed: ShardFeed, lock: Any,
     outcome.layout = layout.describe()
     pool = ShardPool(job.make_worker(layout), layout, options.max_attempts)
     s = feed.state
-    unit = "files" if job.counts_images else job.source.kind
+    unit = {"webdataset": "tars", "parquet": "rows"}.get(job.source.format, "files")
     what = "listing" if feed.listing else f"{s.entries} {unit}, {s.shards} shards"
     log(f"bottleneck {job.name}: INPUT {job.source.url} ({job.source.kind}): {what}; "
         f"{len(outcome.done_before)} shards already done; on {outcome.where}")
