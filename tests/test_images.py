@@ -316,3 +316,47 @@ def test_exif_orientation_applies_before_the_resize():
     got = decode_image(data, DecodeOptions(32, "nearest"))
     # Displayed: tall, white top half.
     assert got[:12].mean() > 250 and got[-12:].mean() < 5
+
+
+# -- the libjpeg-turbo path: Pillow's pixels, faster ----------------------------------------
+
+def turbo_cases() -> dict[str, bytes]:
+    """JPEGs of every layout the turbo path takes, and one it must leave to Pillow."""
+    base = smooth_image(500, 375)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the file's pixels are on their side
+    return {
+        "4:2:0": encode(base, "JPEG", quality=90),
+        "4:4:4": encode(base, "JPEG", quality=90, subsampling=0),
+        "progressive": encode(base, "JPEG", quality=85, progressive=True),
+        "grey": encode(base.convert("L"), "JPEG"),
+        "exif-rotated": encode(base, "JPEG", exif=exif),
+        "large, odd sides": encode(base.resize((1201, 901)), "JPEG"),
+        "6 MP": encode(base.resize((3000, 2000)), "JPEG"),
+        "tiny": encode(base.resize((3, 5)), "JPEG"),
+        "cmyk": encode(base.convert("CMYK"), "JPEG"),
+    }
+
+
+@pytest.mark.parametrize("draft", [False, True], ids=["full", "draft"])
+@pytest.mark.parametrize("size", [32, 224])
+def test_turbo_decodes_the_pixels_pillow_decodes(draft, size):
+    for name, data in turbo_cases().items():
+        turbo = decode_image(data, DecodeOptions(size, jpeg_draft=draft, decoder="turbo"))
+        pillow = decode_image(data, DecodeOptions(size, jpeg_draft=draft, decoder="pillow"))
+        assert np.array_equal(turbo, pillow), name
+
+
+def test_turbo_is_taken_where_it_can_and_left_to_pillow_where_not():
+    from bottleneck.images import _decode_turbo
+
+    cases = turbo_cases()
+    for draft in (False, True):
+        o = DecodeOptions(224, jpeg_draft=draft)
+        for name, data in cases.items():
+            got = _decode_turbo(data, Image.open(io.BytesIO(data)), o)
+            assert (got is None) == (name == "cmyk"), (name, draft)
+    # Draft mode asks libjpeg-turbo for the reduction Pillow picks: 3000×2000 → 1/4.
+    big = cases["6 MP"]
+    got = _decode_turbo(big, Image.open(io.BytesIO(big)), DecodeOptions(224, jpeg_draft=True))
+    assert got.size == (750, 500)
