@@ -544,3 +544,28 @@ def test_info_names_the_missing_shards_of_a_half_finished_output(ray_cluster, tr
     assert info["settings"]["image_size"] == SIZE and info["feature_shape"] == [2, 2, 512]
     done = json.loads(run_cli("info", str(out), "--json").stdout)
     assert done["finished"] is True and done["shards"]["missing"] == [] and done["rows"] == 19
+
+
+def test_the_ceiling_benchmarks_stand_in_replays_recorded_outputs_in_place_of_the_model(
+        tree, tmp_path):
+    """`benchmark --ceiling` swaps the conv base for recorded outputs: the rows must be
+    those outputs in turn, through the same reader, writer and commit, and no model built."""
+    from bottleneck.extraction.extractor import ExtractConfig, Extractor, Replay
+    from bottleneck.model import resolve_weights
+    from bottleneck.schema import FeatureSettings
+
+    recorded = np.random.default_rng(3).random((5, 1, 1, 512), dtype=np.float32)
+    weights = resolve_weights("random")
+    config = ExtractConfig(settings=FeatureSettings(weights=weights.identity, image_size=32),
+                           weights=weights, output_url=str(tmp_path), batch_size=BATCH,
+                           stand_in=recorded)
+    ex = Extractor(config)
+    assert isinstance(ex.run_model, Replay)
+    good = sorted(tree["good"])[:7]
+    r = ex.process_shard(Shard(0, tuple(entry(p, tree["good"][p]) for p in good)))
+    ex.close()
+    assert r.rows == 7 and r.seconds["total"] >= r.seconds["write"] > 0
+    got = np.stack(pq.read_table(tmp_path / "part-00000.parquet").column("features")
+                   .to_numpy(zero_copy_only=False))
+    want = recorded.reshape(5, -1)[np.arange(7) % 5]
+    assert np.array_equal(got, want)

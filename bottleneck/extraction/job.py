@@ -156,7 +156,9 @@ def check_extract(o: ExtractOptions) -> CheckedExtract:
     return checked
 
 
-def extract_job(c: CheckedExtract) -> ShardedJob:
+def extract_job(c: CheckedExtract, stand_in: Any = None) -> ShardedJob:
+    """The runner's job; `stand_in`: recorded conv-base outputs replayed in place of the
+    conv base (the pipeline-ceiling benchmark's, never a user's option)."""
     o = c.options
 
     def make_worker(layout: Any) -> Any:
@@ -164,16 +166,18 @@ def extract_job(c: CheckedExtract) -> ShardedJob:
             settings=c.settings, weights=c.weights, output_url=c.out.url,
             batch_size=o.batch_size, threads=layout.threads,
             decode_threads=layout.decode_threads, reader=c.source.reader,
-            storage_options=tuple(sorted(o.storage_options.items()))))
+            storage_options=tuple(sorted(o.storage_options.items())), stand_in=stand_in))
 
     return ShardedJob(name="extract", kind="features", source=c.source,
                       make_worker=make_worker, output=c.out, settings=c.settings.to_dict(),
                       shard_size=o.shard_size)
 
 
-def run_extract(o: ExtractOptions, checked: CheckedExtract | None = None) -> ExtractSummary:
+def run_extract(o: ExtractOptions, checked: CheckedExtract | None = None,
+                stand_in: Any = None) -> ExtractSummary:
     """Run the whole job (Ray started or joined as --address says) and return its summary.
-    Raises UsageError before any work for bad arguments, a missing INPUT or a conflict."""
+    Raises UsageError before any work for bad arguments, a missing INPUT or a conflict.
+    `stand_in`: see `extract_job` (benchmarks only)."""
     c = checked or check_extract(o)
     finished: list[ExtractSummary] = []
 
@@ -192,7 +196,7 @@ def run_extract(o: ExtractOptions, checked: CheckedExtract | None = None) -> Ext
             "timing": summary.timing(),
         }, SUCCESS)
 
-    run = run_sharded(extract_job(c), run_options(o), finish=mark_done)
+    run = run_sharded(extract_job(c, stand_in), run_options(o), finish=mark_done)
     summary = finished[0] if finished else _summarize(c, run)
     summary.seconds = run.seconds
     return summary

@@ -1,0 +1,103 @@
+"""`bottleneck benchmark --ceiling`: how close the whole extract path comes to the pure
+decode rate when the model costs nothing: the GPU case in miniature.
+
+On the same photos and cores, in one run:
+1. `decode_img_s`: read + decode + resize on as many threads as extract's actors decode
+   on, nothing else running; measured before and after the job, and the mean taken (these
+   VMs drift between runs);
+2. `ceiling_img_s`: the real extract path (plan, Ray actor, read, decode, batch,
+   preprocess, write, commit) with the conv base replaced by a stand-in that replays real
+   conv-base outputs recorded once (VGG16 with seeded random weights: the ImageNet ones
+   cannot be had here; the outputs are real ReLU activations of the real shape, so the
+   writer's compression and the commit cost what they will behind a GPU). Steady state:
+   images over the actors' time inside shards, each actor's first shard left out;
+3. the writer's share of the actors' time in shards (`writer_share`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..images import DecodeOptions, decode_image, preprocess
+
+
+def decode_rate(paths: list[Path], image_size: int, threads: int) -> float:
+    """img/s of read + decode + resize on `threads` threads."""
+    opts = DecodeOptions(image_size)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in pool.map(lambda p: decode_image(p.read_bytes(), opts), paths):
+            pass
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def record_outputs(paths: list[Path], image_size: int, n: int = 16) -> np.ndarray:
+    """The conv base's real outputs for `n` of the photos (random:0 weights)."""
+    from ..model import BatchRunner, build_conv_base, resolve_weights
+    from ..tflog import quiet_tensorflow
+
+    quiet_tensorflow()
+    model = build_conv_base(resolve_weights("random"), image_size)
+    x = preprocess(np.stack([decode_image(p.read_bytes(), DecodeOptions(image_size))
+                             for p in paths[:n]]))
+    return BatchRunner(model, len(x))(x)
+
+
+def run_ceiling(images: str | None, count: int = 1024, image_size: int = 224,
+                batch_size: int = 32, shard_size: int = 256, workdir: str | None = None
+                ) -> dict[str, Any]:
+    from ..extraction.job import ExtractOptions, run_extract
+    from ..runner.pool import choose_layout
+    from .benchmark import _gpu_count
+    from .demo_data import write_photos
+
+    res: dict[str, Any] = {"image_size": image_size}
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        if images is None:
+            images = f"{tmp}/images"
+            write_photos(images, count)
+        paths = sorted(Path(images).rglob("*.jpg")) + sorted(Path(images).rglob("*.png"))
+        layout = choose_layout(os.cpu_count() or 1, _gpu_count())
+        threads = layout.decode_threads * layout.actors
+        res.update(images=len(paths), layout=layout.describe(), decode_threads=threads)
+        recorded = record_outputs(paths, image_size)
+        decode_runs = [decode_rate(paths, image_size, threads)]
+        print(f"{len(paths)} images at {image_size} px; decode on {threads} thread(s): "
+              f"{decode_runs[0]:.1f} img/s", flush=True)
+        o = ExtractOptions(input=images, output=f"{tmp}/out", weights="random",
+                           image_size=image_size, batch_size=batch_size,
+                           shard_size=shard_size, address="local", progress=False)
+        summary = run_extract(o, stand_in=recorded)
+        decode_runs.append(decode_rate(paths, image_size, threads))
+    timing = summary.timing()
+    busy = sum(r.seconds.get("total", 0.0) for r in summary.results)
+    write = sum(r.seconds.get("write", 0.0) for r in summary.results)
+    res.update(
+        decode_runs=[round(r, 1) for r in decode_runs],
+        decode_img_s=round(sum(decode_runs) / len(decode_runs), 1),
+        ceiling_img_s=timing["steady_img_per_s"],
+        whole_job_img_s=timing["img_per_s"],
+        writer_share=round(write / busy, 3) if busy else None)
+    res["ratio_ceiling_to_decode"] = (round(res["ceiling_img_s"] / res["decode_img_s"], 3)
+                                      if res["ceiling_img_s"] else None)
+    return res
+
+
+def format_ceiling(r: dict[str, Any]) -> str:
+    return "\n".join([
+        f"images                      {r['images']} at {r['image_size']} px",
+        f"decode alone                {r['decode_img_s']:8.1f} img/s   on {r['decode_threads']} "
+        f"thread(s) (before and after: {', '.join(map(str, r['decode_runs']))})",
+        f"extract path, stand-in model{r['ceiling_img_s'] or 0:8.1f} img/s   "
+        f"{r['ratio_ceiling_to_decode']} of decode alone (steady state)",
+        f"  whole job (Ray, actor)    {r['whole_job_img_s'] or 0:8.1f} img/s",
+        f"  writer's share of shards  {r['writer_share']}",
+        f"layout                      {r['layout']}",
+    ])
