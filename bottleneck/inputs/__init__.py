@@ -61,13 +61,13 @@ def open_source(input_url: str, output_url: str | None, storage_options: dict[st
     brace = is_brace_pattern(input_url)
     source, out = open_input(_first(input_url) if brace else input_url, output_url,
                              storage_options)
-    # A rerun over a finished plan of this INPUT sends INPUT no request at all: its kind is
-    # the one the plan was made with.
+    # A rerun reads INPUT as OUTPUT's manifest says it was read; over a finished plan of
+    # this INPUT it sends INPUT no request at all.
     url = (input_url if "://" in input_url else os.path.abspath(input_url)) if brace else source.url
-    listed = None if out is None else listed_format(out, url)
+    recorded, listed = recorded_format(out, url) if out is not None else (None, False)
     kind = input_format
     if kind == "auto":
-        kind = listed or _detect(input_url, source, storage_options, brace)
+        kind = recorded or _detect(input_url, source, storage_options, brace)
     for flag, value, kinds in (("--prefix", prefix, ("inventory",)),
                                ("--label-field", how.label_field, ("webdataset",)),
                                ("--image-column", how.image_column, ("parquet",)),
@@ -79,7 +79,7 @@ def open_source(input_url: str, output_url: str | None, storage_options: dict[st
         raise UsageError(f"a brace pattern names WebDataset tars; INPUT {input_url} is read "
                          f"as {kind}")
     found = None
-    if listed is None:  # a brace pattern: its first tar is there
+    if not listed:  # a brace pattern: its first tar is there
         found = probe_input(source, allow_file or kind != "folder",
                             file_only=brace or kind in ("list", "inventory"))
     if kind == "inventory":
@@ -94,7 +94,7 @@ def open_source(input_url: str, output_url: str | None, storage_options: dict[st
 
         table = ParquetImageSource(source.url, storage_options, how.image_column,
                                    how.label_column)
-        if listed is None:
+        if not listed:
             table.check()
         return table, out
     return FolderSource(source, list_requests, allow_file=allow_file, root_type=found), out
@@ -139,17 +139,20 @@ def _detect(url: str, source: Storage, storage_options: dict[str, Any], brace: b
     return "folder"
 
 
-def listed_format(out: Storage, input_url: str) -> str | None:
-    """The INPUT format of OUTPUT's finished plan of `input_url`; None without one."""
-    from ..runner.manifest import input_listed, read_manifest
+def recorded_format(out: Storage, input_url: str) -> tuple[str | None, bool]:
+    """The INPUT format OUTPUT's manifest records for `input_url` (None: no manifest of this
+    INPUT, or one made before formats were recorded), and whether its plan is finished."""
+    from ..runner.manifest import read_manifest
+    from ..runner.plan import LISTED, PLAN_DIR
 
-    if not input_listed(out, input_url):
-        return None
     try:
         m = read_manifest(out)
-    except Exception:  # noqa: BLE001
-        return None
-    return (m.input_format if m else None) or "folder"
+        if m is None or m.input_url != input_url:
+            return None, False
+        listed = out.exists(PLAN_DIR, LISTED)
+    except Exception:  # noqa: BLE001 - unreadable: the checks go on as for a new OUTPUT
+        return None, False
+    return m.input_format or ("folder" if listed else None), listed
 
 
 __all__ = ["INPUT_FORMATS", "InputError", "InputOptions", "Source", "open_source"]

@@ -75,17 +75,6 @@ def read_manifest(out: Storage) -> Manifest | None:
                              "use --overwrite to replace what is there") from None
 
 
-def input_listed(out: Storage, input_url: str) -> bool:
-    """Whether OUTPUT holds a finished plan of INPUT `input_url`: then a rerun needs no
-    request to INPUT at all (a listing, or even a check that it exists)."""
-    try:
-        old = read_manifest(out)
-        return (old is not None and old.input_url == input_url
-                and out.exists(PLAN_DIR, LISTED))
-    except Exception:  # noqa: BLE001 - unreadable: the checks go on as for a new OUTPUT
-        return False
-
-
 def check_resumable(out: Storage, manifest: Manifest) -> None:
     """Refuse early (before INPUT is listed or Ray starts) to add to an OUTPUT made with
     other settings, another INPUT or another shard size. Raises OutputConflict."""
