@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import UsageError
 from ..storage import Storage
 from .output import ERRORS_DIR
-from .plan import LISTED, PLAN_DIR
+from .plan import PLAN_DIR
 from .planning import PART_RE
 
 MANIFEST = "_bottleneck.json"
