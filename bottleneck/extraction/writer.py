@@ -48,7 +48,13 @@ class ShardWriter:
         self._ctx = self.out.open_atomic(part_name(self.shard_index))
         f = self._ctx.__enter__()
         try:
-            self._writer = pq.ParquetWriter(f, self.schema, compression=COMPRESSION)
+            # Dictionary encoding and min/max statistics only for path and label: on the
+            # features they cost 3.5x the writer's time and made files 30% bigger (a
+            # dictionary of floats that never repeats; min/max of 25,088 values no reader
+            # asks for), measured on ReLU outputs of VGG16's shape (README, Performance).
+            self._writer = pq.ParquetWriter(f, self.schema, compression=COMPRESSION,
+                                            use_dictionary=["path", "label"],
+                                            write_statistics=["path", "label"])
         except BaseException:
             self._ctx.__exit__(*sys.exc_info())  # drop the file set aside in _tmp
             raise
