@@ -33,8 +33,10 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 def measure(photos: int, image_size: int, batch_size: int, seconds: float) -> dict[str, Any]:
+    from ..tflog import quiet_tensorflow
     from .demo_data import write_photos
 
+    quiet_tensorflow()
     t0 = time.perf_counter()
     cores = os.cpu_count() or 1
     res: dict[str, Any] = {"gpus": _gpu_count(), "cores": cores, "image_size": image_size,
@@ -67,13 +69,13 @@ def measure(photos: int, image_size: int, batch_size: int, seconds: float) -> di
             res["extract"][p] = {k: round(v, 2) if isinstance(v, float) else v
                                  for k, v in r.items()}
     res["cores_per_gpu_needed"] = {
-        p: round(rate / res["decode_img_s_per_core"], 1)
+        p: round(rate / res["decode_img_s_per_core"], 2)
         for p, rate in res["conv_base_img_s"].items()}
     res["seconds"] = round(time.perf_counter() - t0, 1)
     for p, n in res["cores_per_gpu_needed"].items():
         draft = res["conv_base_img_s"][p] / res["decode_draft_img_s_per_core"]
         print(f"to keep the conv base fed in {p}: {n} cores of decoding "
-              f"({draft:.1f} with --jpeg-draft); this machine has {cores}", flush=True)
+              f"({draft:.2f} with --jpeg-draft); this machine has {cores}", flush=True)
     print(f"bench_gpu: {res['seconds']} s in all", flush=True)
     return res
 
