@@ -65,6 +65,8 @@ class Extractor:
             model = build_conv_base(config.weights, s.image_size, s.pooling, s.precision)
             self.run_model = BatchRunner(model, config.batch_size)
         self.np_dtype = np.dtype(s.dtype)
+        self.first_batch: float | None = None  # seconds of the first model call
+        self._reported = False
 
     def schema(self, labels: tuple[str, ...]) -> Any:
         if labels not in self._schemas:
@@ -87,6 +89,8 @@ class Extractor:
                 t = time.perf_counter()
                 feats = self.run_model(preprocess(pixels))
                 infer += time.perf_counter() - t
+                if self.first_batch is None:  # traces the graph: start-up, not throughput
+                    self.first_batch = time.perf_counter() - t
                 feats = feats.reshape(len(entries), -1).astype(self.np_dtype, copy=False)
                 t = time.perf_counter()
                 writer.write_batch([e.url for e in entries], [e.label for e in entries], feats)
@@ -96,8 +100,10 @@ class Extractor:
             t = time.perf_counter()
         write += time.perf_counter() - t  # the commit: footer, errors, upload or rename
         total = time.perf_counter() - t0
-        return ShardResult(shard.index, writer.rows, len(writer.errors),
-                           {"total": total, "inference": infer, "write": write})
+        seconds = {"total": total, "inference": infer, "write": write}
+        if self.first_batch is not None and not self._reported:
+            seconds["first_batch"], self._reported = self.first_batch, True
+        return ShardResult(shard.index, writer.rows, len(writer.errors), seconds)
 
     def close(self) -> None:
         self.images.close()

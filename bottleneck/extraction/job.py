@@ -49,6 +49,11 @@ class ExtractOptions(InputOptions):
     progress: bool = True
 
 
+STARTUP_WORDS = {"ray": "Ray", "tensorflow_import": "TensorFlow import",
+                 "worker_build": "model build", "first_batch": "first batch (tracing)",
+                 "first_shard": "first shard done at"}
+
+
 @dataclass
 class ExtractSummary:
     output: str
@@ -63,6 +68,7 @@ class ExtractSummary:
     seconds: float
     layout: str = ""
     listed: str = ""  # what a plan entry is when not an image (" tars")
+    startup: dict[str, float] = field(default_factory=dict)  # RunOutcome.startup
     results: list[ShardResult] = field(default_factory=list)  # the shards run now
 
     @property
@@ -88,7 +94,8 @@ class ExtractSummary:
                 steady += sum(r.rows + r.errors for r in warm) / busy
         return {"seconds": round(self.seconds, 3), "images_this_run": images,
                 "img_per_s": round(images / self.seconds, 3) if images else None,
-                "steady_img_per_s": round(steady, 3) if steady else None}
+                "steady_img_per_s": round(steady, 3) if steady else None,
+                "startup_s": {k: round(v, 3) for k, v in self.startup.items()}}
 
     def lines(self) -> list[str]:
         rate = self.timing()["img_per_s"]
@@ -103,6 +110,9 @@ class ExtractSummary:
         ]
         if self.layout:
             out.append(f"workers: {self.layout}")
+        if self.startup:
+            out.append("start-up: " + ", ".join(
+                f"{STARTUP_WORDS.get(k, k)} {v:.1f}s" for k, v in self.startup.items()))
         if self.failed:
             out.append(f"FAILED:  {len(self.failed)} shard(s) could not be written; rerun the "
                        "same command to retry them:")
@@ -207,6 +217,6 @@ def _summarize(c: CheckedExtract, run: RunOutcome) -> ExtractSummary:
     rows, errors = count_rows(c.out)
     return ExtractSummary(
         output=c.out.url, images=run.entries, rows=rows, errors=errors, shards=run.shards,
-        listed="" if c.source.entries_per_shard is None else " tars",
+        listed="" if c.source.entries_per_shard is None else " tars", startup=run.startup,
         shards_run=len(run.results), shards_skipped=len(run.done_before), failed=run.failed,
         retries=run.retries, seconds=run.seconds, layout=run.layout, results=run.results)

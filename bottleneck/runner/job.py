@@ -24,6 +24,9 @@ from .output import ShardResult
 from .plan import PLAN_DIR
 from .planning import committed_shards
 
+# What a worker's first result says of its start-up (seconds), besides its shard's times.
+STARTUP_PARTS = ("tensorflow_import", "worker_build", "first_batch")
+
 
 @dataclass
 class RunOptions:
@@ -93,6 +96,10 @@ class RunOutcome:
     where: str = ""
     layout: str = ""
     listing: dict[str, Any] = field(default_factory=dict)  # the plan's _listed.json
+    # Where start-up went, in seconds: Ray's start or join, then (from the first actor's
+    # first result) its TensorFlow import, worker build and first batch (the graph's trace),
+    # and when that first shard was done, counted from Ray's start.
+    startup: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -163,7 +170,9 @@ def _run_feed(job: ShardedJob, options: RunOptions, feed: ShardFeed, lock: Any,
     from .progress import ProgressBar
 
     # Ray starts (on the main thread, which owns the signal handlers) while INPUT is listed.
+    t_ray = time.perf_counter()
     outcome.where = connect(options.address)
+    outcome.startup["ray"] = time.perf_counter() - t_ray
     cpus, gpus, node_cpus = cluster_size()
     layout = choose_layout(cpus, gpus, options.actors, options.gpus_per_actor,
                            options.threads, node_cpus)
@@ -196,6 +205,10 @@ def _run_feed(job: ShardedJob, options: RunOptions, feed: ShardFeed, lock: Any,
                     lock.check()
 
             for result in pool.run(feed, on_progress=progress, should_stop=should_stop):
+                if "tensorflow_import" in result.seconds and len(outcome.startup) == 1:
+                    outcome.startup.update(
+                        {k: result.seconds[k] for k in STARTUP_PARTS if k in result.seconds})
+                    outcome.startup["first_shard"] = time.perf_counter() - t_ray
                 if on_result:
                     on_result(result)
                 result.table = None  # handed over: a job with no OUTPUT holds no rows

@@ -244,14 +244,20 @@ class ShardActor:
 
         from ..tflog import quiet_tensorflow
 
+        t0 = time.perf_counter()
         quiet_tensorflow()  # before the worker's model imports it
+        t1 = time.perf_counter()
         credentials.restore()
         # By name, not by handle: Ray keeps handle arguments in its object store, and an
         # actor that restarts must not depend on those.
         self.tracker = ray.get_actor(tracker)
         self.max_attempts = max_attempts
         self.crash_shards = {int(i) for i in os.environ.get(CRASH_SHARDS_ENV, "").split(",") if i}
+        t2 = time.perf_counter()
         self.worker = factory()
+        # Reported with this actor's first result: where its start-up went.
+        self.startup: dict[str, float] | None = {
+            "tensorflow_import": t1 - t0, "worker_build": time.perf_counter() - t2}
 
     def process_shard(self, shard: Shard, *args: Any) -> Any:
         import ray
@@ -275,6 +281,9 @@ class ShardActor:
             raise
         result.worker = ray.get_runtime_context().get_actor_id() or ""
         result.gpu_ids = tuple(str(g) for g in ray.get_gpu_ids())
+        if self.startup is not None:
+            result.seconds.update(self.startup)
+            self.startup = None
         return result
 
 

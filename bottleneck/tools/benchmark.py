@@ -157,10 +157,12 @@ def _extract_command(images: str, out: str, n: int, weights: str, image_size: in
     done = json.loads(Path(out, "_SUCCESS.json").read_text())
     steady = done.get("timing", {}).get("steady_img_per_s")
     part_bytes = sum(p.stat().st_size for p in Path(out).glob("part-*.parquet"))
+    startup = done.get("timing", {}).get("startup_s", {})
     print(f"extract (whole command): {n / secs:.2f} img/s ({secs:.1f}s); "
-          f"steady state {steady and f'{steady:.2f}'} img/s", flush=True)
+          f"steady state {steady and f'{steady:.2f}'} img/s; start-up (s): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in startup.items()), flush=True)
     return {"extract_img_s": n / secs, "extract_seconds": secs, "steady_img_s": steady,
-            "bytes_per_image": part_bytes / max(done["rows"], 1)}
+            "bytes_per_image": part_bytes / max(done["rows"], 1), "startup_s": startup}
 
 
 def _ray_data(images: str, tmp: str, n: int, weights: str, image_size: int, batch_size: int,
