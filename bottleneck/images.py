@@ -8,7 +8,8 @@ The reference is Keras' own pipeline::
 `decode_image` reproduces ``load_img`` pixel for pixel on ordinary RGB images, and reads
 right what Keras reads badly: 16-bit PNGs are scaled to 8 bits (Keras clips them to white),
 EXIF orientation is applied, CMYK/palette/grey/alpha images become RGB, and a decompression
-bomb is an error instead of a crash.  Pure Pillow + NumPy: no TensorFlow, no Ray.
+bomb is an error instead of a crash.  Pillow, NumPy and simplejpeg (libjpeg-turbo, which
+decodes most JPEGs faster to the same pixels): no TensorFlow, no Ray.
 
 `ShardImages` runs that path for a whole shard: its reader (`inputs.samples`) gives the
 encoded images of the shard's files, tar members or table rows, which it decodes on a small
@@ -166,7 +167,8 @@ def _decode_turbo(data: bytes, img: Image.Image, options: DecodeOptions) -> Imag
         import simplejpeg
     except ImportError:
         return None
-    if img.mode not in ("RGB", "L") or len(getattr(img, "tile", ())) != 1:
+    if (img.mode not in ("RGB", "L") or len(getattr(img, "tile", ())) != 1
+            or _arithmetic_coded(data)):
         return None
     w, h = img.size
     s = _draft_scale(w, h, options)
@@ -179,6 +181,26 @@ def _decode_turbo(data: bytes, img: Image.Image, options: DecodeOptions) -> Imag
     if a.shape[:2] != size:
         return None
     return Image.fromarray(a if img.mode == "RGB" else a[..., 0])
+
+
+def _arithmetic_coded(data: bytes) -> bool:
+    """Whether the JPEG's frame is arithmetic-coded (SOF9–SOF15): libjpeg-turbo builds
+    differ on those (Pillow's refuses some that simplejpeg's reads), so Pillow decides.
+    Walks the marker segments up to the first scan."""
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return False
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+            return True
+        if marker == 0xDA:  # start of scan: the frame header came before
+            return False
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return False
 
 
 # EXIF orientation → the transpose that undoes it, as ImageOps.exif_transpose applies it.

@@ -143,7 +143,8 @@ def format_info(info: dict[str, Any]) -> str:
             lines.append(f"input:    {info['input']}{fmt}")
         listing = info.get("listing")
         if listing:
-            unit = "tars" if info.get("input_format") == "webdataset" else "files"
+            unit = {"webdataset": "tars", "parquet": "rows"}.get(info.get("input_format") or "",
+                                                                   "files")
             lines.append(f"listing:  {listing['entries']} {unit} planned"
                          + ("" if listing["finished"] else
                             ", NOT finished: rerun the same command to go on listing"))

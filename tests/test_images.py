@@ -360,3 +360,16 @@ def test_turbo_is_taken_where_it_can_and_left_to_pillow_where_not():
     big = cases["6 MP"]
     got = _decode_turbo(big, Image.open(io.BytesIO(big)), DecodeOptions(224, jpeg_draft=True))
     assert got.size == (750, 500)
+
+
+def test_arithmetic_coded_jpegs_are_left_to_pillow():
+    """libjpeg-turbo builds differ on arithmetic coding (Pillow's refuses files simplejpeg's
+    reads): such a frame (SOF9-SOF15) goes to Pillow, so both decoders give one answer."""
+    from bottleneck.images import _arithmetic_coded, _decode_turbo
+
+    data = turbo_cases()["4:2:0"]
+    assert not _arithmetic_coded(data)
+    at = data.index(b"\xff\xc0")  # the baseline frame header (SOF0)
+    arith = data[:at + 1] + b"\xc9" + data[at + 2:]  # the same header, arithmetic-coded
+    assert _arithmetic_coded(arith)
+    assert _decode_turbo(arith, Image.open(io.BytesIO(arith)), DecodeOptions(224)) is None

@@ -194,3 +194,30 @@ def test_missing_path_column_in_a_bucket(s3):
     s3.put("l.csv", b"url,label\na.jpg,x\n")
     with pytest.raises(InputError, match=f"list file s3://{s3.name}/l.csv has no 'path'"):
         list(ListFileSource(s3.url("l.csv"), s3.options()).pages())
+
+
+def test_an_output_made_before_input_formats_were_recorded_is_read_as_then(tmp_path):
+    """Such a manifest has no `input_format`: its INPUT was read by name alone, so a rerun
+    reads a list file as a list file (not by what is in it now), finished plan or not; and
+    --overwrite, which replaces OUTPUT, goes by INPUT alone."""
+    import json
+
+    from bottleneck.extraction.job import ExtractOptions
+    from bottleneck.inputs import open_source
+    from bottleneck.runner.plan import LISTED, PLAN_DIR
+
+    lst = tmp_path / "list.parquet"
+    # Image bytes beside the paths: read afresh, it is an image table.
+    pq.write_table(pa.table({"png": [b"\x89PNG"], "name": ["a"]}), lst)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_bottleneck.json").write_text(json.dumps(
+        {"kind": "features", "settings": {}, "input_url": str(lst), "shard_size": 256}))
+    for finished in (False, True):
+        if finished:
+            (out / PLAN_DIR).mkdir()
+            (out / PLAN_DIR / LISTED).write_text("{}")
+        source, _ = open_source(str(lst), str(out), {})
+        assert source.format == "list", finished
+    o = ExtractOptions(input=str(lst), output=str(out), overwrite=True)
+    assert open_source(str(lst), str(out), {}, o)[0].format == "parquet"

@@ -293,6 +293,29 @@ def test_is_image_table(hf_folder, tmp_path):
     assert not is_image_table(str(listing), {})
     assert not is_image_table(str(tmp_path / "missing.parquet"), {})
     assert not is_image_table(str(root), {})
+    # A list file's checksum column is binary too: a `path` column of text says list file.
+    sums = tmp_path / "sums.parquet"
+    pq.write_table(pa.table({"path": ["a.jpg"], "label": ["cat"], "md5": [b"\x00" * 16]}), sums)
+    assert not is_image_table(str(sums), {})
+
+
+def test_a_corrupt_row_group_fails_its_rows_only(tmp_path):
+    path = tmp_path / "t.parquet"
+    data = encoded(9)
+    pq.write_table(pa.table({"img": data}), path, row_group_size=3, compression="none")
+    meta = pq.read_metadata(path)
+    chunk = meta.row_group(1).column(0)
+    start = chunk.data_page_offset
+    raw = bytearray(path.read_bytes())
+    raw[start:start + 64] = b"\xff" * 64  # the page header of the middle row group
+    path.write_bytes(bytes(raw))
+    entries = tuple(Entry("", f"{path}#row={i}", None) for i in range(9))
+    samples = list(ParquetRowReader("img").samples(entries, storage_for))
+    assert [s.load() for s in samples[:3]] == data[:3]
+    for s in samples[3:6]:
+        with pytest.raises(ImageError, match="unreadable row group 1"):
+            s.load()
+    assert [s.load() for s in samples[6:]] == data[6:]  # the row groups after it are read
 
 
 # -- in a bucket ----------------------------------------------------------------------------

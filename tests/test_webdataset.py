@@ -352,6 +352,22 @@ def test_open_source_detects_webdataset_inputs(tmp_path):
     assert open_source(str(tmp_path / "loose"), None, {})[0].format == "folder"
     with pytest.raises(UsageError, match="--label-field is for webdataset INPUT"):
         open_source(str(tmp_path / "loose"), None, {}, InputOptions(label_field="label"))
+    # A stray tar among images is no WebDataset: the user says which, nothing is dropped.
+    (tmp_path / "loose" / "old-export.tar").write_bytes(tars[0].read_bytes())
+    with pytest.raises(UsageError, match="both .tar files and images"):
+        open_source(str(tmp_path / "loose"), None, {})
+    assert open_source(str(tmp_path / "loose"), None, {},
+                       InputOptions(input_format="folder"))[0].format == "folder"
+
+
+def test_a_duplicate_key_cut_short_is_named_apart_from_the_row_kept(tmp_path):
+    a, b, a2 = photos(3)
+    url = make_tar(tmp_path / "a.tar", [("a.jpg", a.data), ("a.cls", b"0"),
+                                        ("b.jpg", b.data), ("b.cls", b"1"), ("a.jpg", a2.data)])
+    Path(url).write_bytes(Path(url).read_bytes()[:-2000])  # cut inside the second a.jpg
+    names = [n for n, _, _ in tar_rows(url)]
+    assert names[:2] == [f"{url}#a", f"{url}#b"]
+    assert len(names) == len(set(names)) == 3 and names[2].startswith(f"{url}#a@")
 
 
 # -- streaming: a few requests, never whole in memory ---------------------------------------

@@ -194,11 +194,15 @@ def run_extract(o: ExtractOptions, checked: CheckedExtract | None = None,
     def mark_done(run: RunOutcome) -> None:
         summary = _summarize(c, run)
         finished.append(summary)
+        tars = c.source.entries_per_shard is not None
         c.out.write_json_atomic({
-            "images": summary.images, "rows": summary.rows, "errors": summary.errors,
+            # A WebDataset plan counts tars: the images are the rows read, good or not.
+            "images": summary.rows + summary.errors if tars else summary.images,
+            **({"tars": summary.images} if tars else {}),
+            "rows": summary.rows, "errors": summary.errors,
             "shards": summary.shards,
             # A plan of tars knows no labels: they are counted in the part files then.
-            "labels": run.labels or (count_labels(c.out) if summary.rows else {}),
+            "labels": (count_labels(c.out) if tars and summary.rows else run.labels),
             "settings": c.settings.to_dict(),
             "input": c.source.url, "input_format": c.source.format,
             "storage_options": redact(o.storage_options),

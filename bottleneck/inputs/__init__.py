@@ -64,7 +64,9 @@ def open_source(input_url: str, output_url: str | None, storage_options: dict[st
     # A rerun reads INPUT as OUTPUT's manifest says it was read; over a finished plan of
     # this INPUT it sends INPUT no request at all.
     url = (input_url if "://" in input_url else os.path.abspath(input_url)) if brace else source.url
-    recorded, listed = recorded_format(out, url) if out is not None else (None, False)
+    # --overwrite replaces OUTPUT: nothing in it says how to read INPUT.
+    replaced = out is None or getattr(how, "overwrite", False)
+    recorded, listed = (None, False) if replaced else recorded_format(out, url)
     kind = input_format
     if kind == "auto":
         kind = recorded or _detect(input_url, source, storage_options, brace)
@@ -131,19 +133,26 @@ def _detect(url: str, source: Storage, storage_options: dict[str, Any], brace: b
         names = [n.lower() for n in first_names(source)]
     except Exception:  # noqa: BLE001 - probe_input says what is wrong with INPUT
         return "folder"
-    if any(n.endswith(".tar") for n in names):
+    tars = any(n.endswith(".tar") for n in names)
+    images = any(n.endswith(IMAGE_SUFFIXES) for n in names)
+    if tars and images:
+        raise InputError(f"INPUT {url} holds both .tar files and images: say how to read it "
+                         "with --input-format webdataset (the tars) or folder (the images)")
+    if tars:
         return "webdataset"
-    if (any(n.endswith(".parquet") for n in names)
-            and not any(n.endswith(IMAGE_SUFFIXES) for n in names)):
+    if any(n.endswith(".parquet") for n in names) and not images:
         return "parquet"
     return "folder"
 
 
 def recorded_format(out: Storage, input_url: str) -> tuple[str | None, bool]:
     """The INPUT format OUTPUT's manifest records for `input_url` (None: no manifest of this
-    INPUT, or one made before formats were recorded), and whether its plan is finished."""
+    INPUT), and whether its plan is finished. A manifest made before formats were recorded
+    was read by INPUT's name alone (an inventory, a list file, else a folder)."""
     from ..runner.manifest import read_manifest
     from ..runner.plan import LISTED, PLAN_DIR
+    from .inventory import is_inventory
+    from .listfile import is_list_file
 
     try:
         m = read_manifest(out)
@@ -152,7 +161,9 @@ def recorded_format(out: Storage, input_url: str) -> tuple[str | None, bool]:
         listed = out.exists(PLAN_DIR, LISTED)
     except Exception:  # noqa: BLE001 - unreadable: the checks go on as for a new OUTPUT
         return None, False
-    return m.input_format or ("folder" if listed else None), listed
+    legacy = ("inventory" if is_inventory(input_url)
+              else "list" if is_list_file(input_url) else "folder")
+    return m.input_format or legacy, listed
 
 
 __all__ = ["INPUT_FORMATS", "InputError", "InputOptions", "Source", "open_source"]

@@ -128,7 +128,6 @@ class InventorySource:
 
     kind = "inventory"
     format = "inventory"
-    options: dict[str, Any] = {}
     reader = FileReader()
     entries_per_shard = None
     sorted = False
@@ -141,6 +140,8 @@ class InventorySource:
                              f"{one_line(e)}") from None
         self.url = self.storage.url
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        # --prefix changes the rows and their labels: a rerun with another is refused.
+        self.options: dict[str, Any] = {"prefix": self.prefix} if self.prefix else {}
         self.stats = ListingStats()
         self.batch_rows = 65536  # Parquet rows per batch
 

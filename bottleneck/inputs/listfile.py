@@ -65,7 +65,7 @@ class ListFileSource:
         if fmt is None:
             raise InputError(f"list file {url}: unsupported extension; expected one of "
                              f"{', '.join(FORMATS)}")
-        self.format = fmt
+        self.file_format = fmt  # parquet, csv or jsonl
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be at least 1, not {chunk_rows}")
         try:
@@ -84,7 +84,7 @@ class ListFileSource:
 
     def _pages(self, skip: int) -> Iterator[pa.Table]:
         read = {"parquet": self._read_parquet, "csv": self._read_csv, "jsonl": self._read_jsonl}
-        for first, t in read[self.format](skip):
+        for first, t in read[self.file_format](skip):
             self.stats.requests += 1
             self.stats.keys += t.num_rows
             if first < skip:

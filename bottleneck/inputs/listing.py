@@ -193,7 +193,8 @@ def keys_only_session() -> Any:
 
 def first_names(source: Storage, limit: int = PAGE_KEYS) -> list[str]:
     """Up to `limit` names under `source`'s root, the first in path order (one LIST on a
-    bucket), to tell what kind of files INPUT holds. FileNotFoundError when it is missing."""
+    bucket; locally, folders walked until there are enough), to tell what kind of files
+    INPUT holds. Empty when INPUT is missing or holds nothing."""
     if source.protocol in ("s3", "s3a"):
         bucket, _, key = source.root.partition("/")
         keys = s3_list_page(source, bucket, 1)(f"{key}/" if key else "", None, None).keys

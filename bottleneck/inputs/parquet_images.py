@@ -58,10 +58,11 @@ def _open(storage: Storage, path: str) -> IO[bytes]:
 
 
 def is_image_table(url: str, storage_options: dict[str, Any]) -> bool:
-    """Whether `url` is a .parquet file holding images (a Hugging Face Image column or a
-    binary one), not a list file of paths. Reads the footer only. False for a file missing
-    or not Parquet (the list file reader then says what is wrong); transient storage
-    errors are raised, so that a throttled store does not change INPUT's kind."""
+    """Whether `url` is a .parquet file holding images (a Hugging Face Image column, or a
+    binary one and no `path` column of text), not a list file of paths. Reads the footer
+    only. False for a file missing or not Parquet (the list file reader then says what is
+    wrong); transient storage errors are raised, so that a throttled store does not change
+    INPUT's kind."""
     import pyarrow.parquet as pq
 
     if not url.rstrip("/").lower().endswith(".parquet"):
@@ -74,7 +75,12 @@ def is_image_table(url: str, storage_options: dict[str, Any]) -> bool:
         if is_transient(e):
             raise
         return False
-    return any(is_hf_image(f.type) or _is_binary(f.type) for f in schema)
+    if any(is_hf_image(f.type) for f in schema):
+        return True
+    # A binary column beside a `path` column of text is a list file's checksum, say.
+    has_paths = any(f.name == "path" and (pa.types.is_string(f.type)
+                                          or pa.types.is_large_string(f.type)) for f in schema)
+    return not has_paths and any(_is_binary(f.type) for f in schema)
 
 
 class ParquetImageSource:
@@ -266,7 +272,6 @@ class ParquetRowReader:
     """A shard's entries `FILE#row=N` → the bytes in `image_column` of those rows."""
 
     image_column: str
-    kind: str = "table rows"
 
     def samples(self, entries: tuple[Entry, ...], storage_for: StorageFor
                 ) -> Iterator[Sample]:
@@ -313,9 +318,23 @@ class ParquetRowReader:
                 cells = None  # let the row group held go before reading the next
                 group = bisect_right(ends, row)
                 first = ends[group - 1] if group else 0
-                cells = with_retries(lambda g=group: pf.read_row_group(
-                    g, columns=[self.image_column]).column(0), what=f"read {e.url}")
+                try:
+                    cells = with_retries(lambda g=group: pf.read_row_group(
+                        g, columns=[self.image_column]).column(0), what=f"read {e.url}")
+                except (OSError, pa.ArrowException) as err:
+                    if is_transient(err):
+                        raise
+                    # A corrupt row group (a bad page, a bad codec block): its rows only.
+                    cells = _Broken(f"unreadable row group {group}: {one_line(err)}")
+            if isinstance(cells, _Broken):
+                yield Sample(e, failed(cells.reason))
+                continue
             yield Sample(e, _cell_load(cells[row - first].as_py()))
+
+
+@dataclass(frozen=True)
+class _Broken:
+    reason: str
 
 
 def _cell_load(cell: Any) -> Callable[[], bytes]:

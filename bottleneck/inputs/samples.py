@@ -65,8 +65,6 @@ def failed(reason: str) -> Callable[[], bytes]:
 class FileReader:
     """One entry, one image file: read on the decode threads, so reads overlap."""
 
-    kind: str = "files"
-
     def samples(self, entries: tuple[Entry, ...], storage_for: StorageFor
                 ) -> Iterator[Sample]:
         from ..images import read_file

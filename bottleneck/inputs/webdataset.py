@@ -93,7 +93,6 @@ class TarReader:
     """Reads the samples of a shard's tars; picklable, for the actors."""
 
     label_field: str | None = None
-    kind: str = field(default="webdataset", init=False)
 
     def samples(self, entries: tuple[Entry, ...], storage_for: StorageFor
                 ) -> Iterator[Sample]:
@@ -254,13 +253,14 @@ class _Group:
             return
         url = f"{self.url}#{self.key}"
         label = self._label()
-        if self.cut:
-            yield Sample(Entry("", url, label), failed(self.cut))
-            return
         if self.key in seen.keys:
             # Named apart from the first sample's row, which keeps `TARURL#KEY`.
             yield Sample(Entry("", f"{url}@{self.offset}", label), failed(
-                f"duplicate key {self.key!r} at byte {self.offset}: its first sample is kept"))
+                f"duplicate key {self.key!r} at byte {self.offset}: its first sample is kept"
+                + (f"; {self.cut}" if self.cut else "")))
+            return
+        if self.cut:
+            yield Sample(Entry("", url, label), failed(self.cut))
             return
         seen.keys.add(self.key)
         seen.labelled = seen.labelled or label is not None

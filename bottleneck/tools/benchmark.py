@@ -5,8 +5,9 @@ On the same images, in one run:
    same resources, threads and batch size as one of extract's actors;
 2. the whole `bottleneck extract` command in a fresh process (Ray start included), and its
    steady state (images / time the actors spent on shards);
-3. what a user would write instead: Ray Data read_images → map_batches (an actor pool
-   holding the same conv base) → write_parquet, whole process.
+3. what a user would write instead: Ray Data read_images → map_batches (an actor holding
+   the same conv base, the Keras model called on each batch, features returned as one
+   array) → write_parquet, whole process.
 It prints img/s for each and the ratios. The same command runs on CPUs and GPUs.
 """
 
@@ -62,17 +63,16 @@ size, batch, cpus = int(size), int(batch), int(cpus)
 ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
 
 class Vgg:
+    """What a user writes: the Keras model called on each batch, features as an array."""
     def __init__(self):
-        from bottleneck.model import (BatchRunner, build_conv_base, configure_threads,
-                                      resolve_weights)
+        from bottleneck.model import build_conv_base, configure_threads, resolve_weights
         configure_threads(cpus)
-        self.run = BatchRunner(build_conv_base(resolve_weights(weights), size,
-                                               precision=precision), batch)
+        self.model = build_conv_base(resolve_weights(weights), size, precision=precision)
     def __call__(self, b):
-        from bottleneck.images import preprocess
-        x = preprocess(np.asarray(b["image"], dtype=np.float32))
-        f = self.run(x).reshape(len(x), -1)
-        return {"path": b["path"], "features": list(f)}
+        import keras
+        x = keras.applications.vgg16.preprocess_input(b["image"].astype(np.float32))
+        f = np.asarray(self.model.predict_on_batch(x), dtype=np.float32)
+        return {"path": b["path"], "features": f.reshape(len(f), -1)}
 
 ds = ray.data.read_images(src, size=(size, size), mode="RGB", include_paths=True)
 # One actor with 1 CPU: Ray Data stalls when its actors reserve every CPU (no room to read).
