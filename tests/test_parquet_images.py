@@ -365,3 +365,29 @@ def test_bucket_reads_fetch_labels_and_the_rows_images_only(s3, tmp_path, monkey
     samples = source.reader.samples(entries_of(t)[31:33], lambda u: Storage(u, s3.options()))
     assert [s.load() for s in samples] == blobs[31:33]
     assert 2_000_000 < sum(fetched) < 2_200_000  # the footer, and one row group's images
+
+
+def test_a_rerun_over_a_finished_plan_reads_nothing_of_the_table(tmp_path):
+    """The manifest records the columns chosen; over a finished plan, the source takes
+    them from there: the table itself may be gone. Other columns asked for now are chosen
+    afresh (then refused by the manifest), never taken on trust."""
+    import json
+
+    from bottleneck.inputs import InputOptions, open_source
+    from bottleneck.runner.plan import LISTED, PLAN_DIR
+
+    table = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"img": encoded(2), "label": ["a", "b"]}), table)
+    out = tmp_path / "out"
+    (out / PLAN_DIR).mkdir(parents=True)
+    (out / PLAN_DIR / LISTED).write_text("{}")
+    chosen = {"image_column": "img", "label_column": "label"}
+    (out / "_bottleneck.json").write_text(json.dumps(
+        {"kind": "features", "settings": {}, "input_url": str(table), "shard_size": 256,
+         "input_format": "parquet", "input_options": chosen}))
+    table.unlink()
+    source, _ = open_source(str(table), str(out), {})
+    assert source.options == chosen and source.reader == ParquetRowReader("img")
+    other, _ = open_source(str(table), str(out), {}, InputOptions(image_column="label"))
+    with pytest.raises(InputError, match="no .parquet files|does not exist"):
+        assert other.options  # asks INPUT, which is gone

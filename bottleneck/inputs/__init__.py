@@ -66,7 +66,7 @@ def open_source(input_url: str, output_url: str | None, storage_options: dict[st
     url = (input_url if "://" in input_url else os.path.abspath(input_url)) if brace else source.url
     # --overwrite replaces OUTPUT: nothing in it says how to read INPUT.
     replaced = out is None or getattr(how, "overwrite", False)
-    recorded, listed = (None, False) if replaced else recorded_format(out, url)
+    recorded, listed, options = (None, False, {}) if replaced else recorded_format(out, url)
     kind = input_format
     if kind == "auto":
         kind = recorded or _detect(input_url, source, storage_options, brace)
@@ -94,8 +94,11 @@ def open_source(input_url: str, output_url: str | None, storage_options: dict[st
     if kind == "parquet":
         from .parquet_images import ParquetImageSource
 
+        # Columns asked for now that differ from the plan's are chosen afresh, and refused.
+        same = all(how_col in (None, options.get(key)) for key, how_col in (
+            ("image_column", how.image_column), ("label_column", how.label_column)))
         table = ParquetImageSource(source.url, storage_options, how.image_column,
-                                   how.label_column)
+                                   how.label_column, chosen=options if listed and same else None)
         if not listed:
             table.check()
         return table, out
@@ -145,10 +148,12 @@ def _detect(url: str, source: Storage, storage_options: dict[str, Any], brace: b
     return "folder"
 
 
-def recorded_format(out: Storage, input_url: str) -> tuple[str | None, bool]:
+def recorded_format(out: Storage, input_url: str
+                    ) -> tuple[str | None, bool, dict[str, Any]]:
     """The INPUT format OUTPUT's manifest records for `input_url` (None: no manifest of this
-    INPUT), and whether its plan is finished. A manifest made before formats were recorded
-    was read by INPUT's name alone (an inventory, a list file, else a folder)."""
+    INPUT), whether its plan is finished, and the INPUT options recorded. A manifest made
+    before formats were recorded was read by INPUT's name alone (an inventory, a list file,
+    else a folder)."""
     from ..runner.manifest import read_manifest
     from ..runner.plan import LISTED, PLAN_DIR
     from .inventory import is_inventory
@@ -157,13 +162,13 @@ def recorded_format(out: Storage, input_url: str) -> tuple[str | None, bool]:
     try:
         m = read_manifest(out)
         if m is None or m.input_url != input_url:
-            return None, False
+            return None, False, {}
         listed = out.exists(PLAN_DIR, LISTED)
     except Exception:  # noqa: BLE001 - unreadable: the checks go on as for a new OUTPUT
-        return None, False
+        return None, False, {}
     legacy = ("inventory" if is_inventory(input_url)
               else "list" if is_list_file(input_url) else "folder")
-    return m.input_format or legacy, listed
+    return m.input_format or legacy, listed, m.input_options or {}
 
 
 __all__ = ["INPUT_FORMATS", "InputError", "InputOptions", "Source", "open_source"]

@@ -105,7 +105,10 @@ class ParquetImageSource:
     entries_per_shard = None
 
     def __init__(self, url: str, storage_options: dict[str, Any],
-                 image_column: str | None = None, label_column: str | None = None):
+                 image_column: str | None = None, label_column: str | None = None,
+                 chosen: dict[str, Any] | None = None):
+        """`chosen`: the columns a finished plan of this INPUT was read with (its manifest's
+        options), so that `options` and `reader` need no request to INPUT."""
         try:
             self.storage = Storage(url, storage_options)
         except (ValueError, ImportError) as e:
@@ -117,17 +120,19 @@ class ParquetImageSource:
         self._image = ""
         self._label: str | None = None
         self._names: list[str] | None = None  # the label's class names in the first file
+        self._chosen = dict(chosen) if chosen and chosen.get("image_column") else None
 
     @property
     def options(self) -> dict[str, Any]:
         """The columns read, as chosen (recorded in the manifest)."""
+        if self._chosen is not None:
+            return dict(self._chosen)
         self.check()
         return {"image_column": self._image, "label_column": self._label}
 
     @property
     def reader(self) -> ParquetRowReader:
-        self.check()
-        return ParquetRowReader(self._image)
+        return ParquetRowReader(self.options["image_column"])
 
     def check(self) -> None:
         """List the files and choose the columns on the first one's footer (once only).
