@@ -391,3 +391,14 @@ def test_a_rerun_over_a_finished_plan_reads_nothing_of_the_table(tmp_path):
     other, _ = open_source(str(table), str(out), {}, InputOptions(image_column="label"))
     with pytest.raises(InputError, match="no .parquet files|does not exist"):
         assert other.options  # asks INPUT, which is gone
+
+
+def test_a_folder_named_like_a_parquet_file_is_a_table(tmp_path):
+    """Spark and others write a dataset as a folder `NAME.parquet/` of part files."""
+    from bottleneck.inputs import open_source
+
+    folder = tmp_path / "ds.parquet"
+    folder.mkdir()
+    pq.write_table(pa.table({"img": encoded(2), "label": ["a", "b"]}), folder / "part-0.parquet")
+    source, _ = open_source(str(folder), None, {})
+    assert source.format == "parquet" and plan(source).num_rows == 2

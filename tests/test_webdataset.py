@@ -358,6 +358,10 @@ def test_open_source_detects_webdataset_inputs(tmp_path):
         open_source(str(tmp_path / "loose"), None, {})
     assert open_source(str(tmp_path / "loose"), None, {},
                        InputOptions(input_format="folder"))[0].format == "folder"
+    # Asked for WebDataset, a file that is no tar is refused before any work.
+    image = next((tmp_path / "loose").rglob("*.jpg"))
+    with pytest.raises(UsageError, match="a WebDataset INPUT is a folder of .tar files"):
+        open_source(str(image), None, {}, InputOptions(input_format="webdataset"))
 
 
 def test_a_duplicate_key_cut_short_is_named_apart_from_the_row_kept(tmp_path):

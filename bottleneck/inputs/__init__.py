@@ -49,7 +49,7 @@ def open_source(input_url: str, output_url: str | None, storage_options: dict[st
     from .inventory import InventorySource
     from .listfile import ListFileSource
     from .listing import FolderSource, open_input, probe_input
-    from .webdataset import WebDatasetSource, is_brace_pattern
+    from .webdataset import WebDatasetSource, is_brace_pattern, is_tar
 
     how = how or InputOptions()
     input_format, list_requests, prefix = how.input_format, how.list_requests, how.prefix
@@ -89,6 +89,9 @@ def open_source(input_url: str, output_url: str | None, storage_options: dict[st
     if kind == "list":
         return ListFileSource(source.url, storage_options), out
     if kind == "webdataset":
+        if found == "file" and not is_tar(source.url):
+            raise InputError(f"a WebDataset INPUT is a folder of .tar files, a .tar or a brace "
+                             f"pattern of them, not {source.url}")
         return WebDatasetSource(url, storage_options,
                                 how.label_field, list_requests), out
     if kind == "parquet":
@@ -123,13 +126,18 @@ def _detect(url: str, source: Storage, storage_options: dict[str, Any], brace: b
         return "webdataset"
     if is_inventory(url):
         return "inventory"
-    if url.lower().endswith(".parquet"):
+    if url.rstrip("/").lower().endswith(".parquet"):
+        from .listing import root_type
         from .parquet_images import is_image_table
 
         try:
+            if root_type(source) == "directory":  # a dataset written as a folder (Spark)
+                return "parquet"
             return "parquet" if is_image_table(source.url, storage_options) else "list"
         except FileNotFoundError:
             return "list"  # probe_input says that it is missing
+        except Exception as e:  # noqa: BLE001 - a store that keeps failing: one line, exit 2
+            raise InputError(f"cannot reach INPUT {source.url}: {e}") from None
     if is_list_file(url):
         return "list"
     try:
