@@ -92,8 +92,8 @@ def open_source(input_url: str, output_url: str | None, storage_options: dict[st
         if found == "file" and not is_tar(source.url):
             raise InputError(f"a WebDataset INPUT is a folder of .tar files, a .tar or a brace "
                              f"pattern of them, not {source.url}")
-        return WebDatasetSource(url, storage_options,
-                                how.label_field, list_requests), out
+        return WebDatasetSource(url, storage_options, how.label_field, list_requests,
+                                root_type=found), out
     if kind == "parquet":
         from .parquet_images import ParquetImageSource
 

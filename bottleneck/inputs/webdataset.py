@@ -56,7 +56,9 @@ class WebDatasetSource:
     entries_per_shard = 1
 
     def __init__(self, url: str, storage_options: dict[str, Any],
-                 label_field: str | None = None, list_requests: int | None = None):
+                 label_field: str | None = None, list_requests: int | None = None,
+                 root_type: str | None = None):
+        """`root_type`: what INPUT's root was just found to be (`listing.probe_input`)."""
         self.options = {"label_field": label_field} if label_field else {}
         self.reader = TarReader(label_field)
         self.stats = ListingStats()
@@ -71,7 +73,8 @@ class WebDatasetSource:
             one = Storage(url, storage_options)
             self._urls, self.url = [one.url], one.url
         else:
-            self._folder = FolderSource(Storage(url, storage_options), list_requests)
+            self._folder = FolderSource(Storage(url, storage_options), list_requests,
+                                        root_type=root_type)
             self.stats = self._folder.stats
             self.url = self._folder.url
         self.sorted = self._folder is not None

@@ -55,7 +55,7 @@ def run_ceiling(images: str | None, count: int = 1024, image_size: int = 224,
                 ) -> dict[str, Any]:
     from ..extraction.job import ExtractOptions, run_extract
     from ..runner.pool import choose_layout
-    from .benchmark import _gpu_count
+    from .benchmark import gpu_count
     from .demo_data import write_photos
 
     res: dict[str, Any] = {"image_size": image_size}
@@ -64,7 +64,7 @@ def run_ceiling(images: str | None, count: int = 1024, image_size: int = 224,
             images = f"{tmp}/images"
             write_photos(images, count)
         paths = sorted(Path(images).rglob("*.jpg")) + sorted(Path(images).rglob("*.png"))
-        layout = choose_layout(os.cpu_count() or 1, _gpu_count())
+        layout = choose_layout(os.cpu_count() or 1, gpu_count())
         threads = layout.decode_threads * layout.actors
         res.update(images=len(paths), layout=layout.describe(), decode_threads=threads)
         recorded = record_outputs(paths, image_size)

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .benchmark import _extract_command, _gpu_count, conv_base_limit, decode_rate
+from .benchmark import conv_base_limit, decode_rate, extract_command, gpu_count
 
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
@@ -39,7 +39,7 @@ def measure(photos: int, image_size: int, batch_size: int, seconds: float) -> di
     quiet_tensorflow()
     t0 = time.perf_counter()
     cores = os.cpu_count() or 1
-    res: dict[str, Any] = {"gpus": _gpu_count(), "cores": cores, "image_size": image_size,
+    res: dict[str, Any] = {"gpus": gpu_count(), "cores": cores, "image_size": image_size,
                            "batch_size": batch_size, "conv_base_img_s": {}}
     device = f"{res['gpus']} GPU(s)" if res["gpus"] else f"{cores} CPU cores (no GPU)"
     print(f"bench_gpu: {device}, {image_size} px, batch {batch_size}", flush=True)
@@ -64,7 +64,7 @@ def measure(photos: int, image_size: int, batch_size: int, seconds: float) -> di
         fastest = max(PRECISIONS[1:], key=lambda p: rates[p])
         res["extract"] = {}
         for p in ("float32", fastest) if rates[fastest] > rates["float32"] else ("float32",):
-            r = _extract_command(images, f"{tmp}/out-{p}", len(paths), "random", image_size,
+            r = extract_command(images, f"{tmp}/out-{p}", len(paths), "random", image_size,
                                  batch_size, p, env)
             res["extract"][p] = {k: round(v, 2) if isinstance(v, float) else v
                                  for k, v in r.items()}

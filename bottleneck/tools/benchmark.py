@@ -111,7 +111,7 @@ def run_benchmark(images: str | None, count: int = 1024, image_size: int = 224,
         n = len(paths)
         res["images"] = n
         cpus = os.cpu_count() or 1
-        layout = choose_layout(cpus, _gpu_count())
+        layout = choose_layout(cpus, gpu_count())
         res["layout"] = layout.describe()
         print(f"{n} images at {image_size} px; extract's layout here: {layout.describe()}",
               flush=True)
@@ -124,7 +124,7 @@ def run_benchmark(images: str | None, count: int = 1024, image_size: int = 224,
               f"{res['limit_runs'][0]:.2f} img/s", flush=True)
 
         # 2. The whole command, as a user runs it (a fresh process starts its own Ray).
-        res.update(_extract_command(images, f"{tmp}/out", n, weights, image_size, batch_size,
+        res.update(extract_command(images, f"{tmp}/out", n, weights, image_size, batch_size,
                                     precision, env))
         res["limit_runs"].append(_limit(layout, weights, image_size, batch_size, limit_seconds,
                                         precision))
@@ -147,7 +147,7 @@ def run_benchmark(images: str | None, count: int = 1024, image_size: int = 224,
     return res
 
 
-def _extract_command(images: str, out: str, n: int, weights: str, image_size: int,
+def extract_command(images: str, out: str, n: int, weights: str, image_size: int,
                      batch_size: int, precision: str, env: dict[str, str]) -> dict[str, Any]:
     """`bottleneck extract` in a fresh process: whole-command and steady-state img/s."""
     cmd = [sys.executable, "-m", "bottleneck", "extract", images, out, "--weights", weights,
@@ -191,7 +191,7 @@ def _limit(layout: Any, weights: str, image_size: int, batch_size: int, seconds:
     return per_actor * layout.actors
 
 
-def _gpu_count() -> int:
+def gpu_count() -> int:
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
         return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
