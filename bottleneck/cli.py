@@ -24,6 +24,23 @@ def _storage_options(text: str | None) -> dict:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _decode_workers(text: str) -> int | None:
+    if text == "auto":
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a whole number >= 0, not {text!r}")
+    return int(text)
+
+
+def _add_decode_workers(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--decode-workers", type=_decode_workers, default=None, metavar="N|auto",
+                   help="CPU-only Ray actors (1 CPU, 2 threads each) that read and decode for "
+                        "the model actors, anywhere in the cluster; 0: the model actors decode "
+                        "on their own nodes. auto: on when the GPU nodes up have fewer than 8 "
+                        "cores per GPU and the CPU-only nodes have more cores than they do "
+                        "(README, GPUs) (default: auto)")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
                    help="Ray address, or 'local' for a private Ray (default: $RAY_ADDRESS, "
@@ -97,6 +114,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
                    help="GPUs each actor reserves (default: 1 when the cluster has GPUs, else 0)")
     p.add_argument("--threads", type=int, default=None,
                    help="TensorFlow threads per actor (default: the CPUs the actor reserves)")
+    _add_decode_workers(p)
     p.add_argument("--jpeg-draft", action="store_true",
                    help="decode large JPEGs at reduced scale (faster; fidelity in README)")
     p.add_argument("--precision", default="float32",
@@ -212,6 +230,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=256, help="(default: 256)")
     p.add_argument("--actors", type=int, default=None, help="(default: as extract)")
     p.add_argument("--gpus-per-actor", type=float, default=None, help="(default: as extract)")
+    _add_decode_workers(p)
     p.add_argument("--max-attempts", type=int, default=3, help="(default: 3)")
     _add_input(p)
     _add_common(p)

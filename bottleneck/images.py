@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -100,7 +100,14 @@ def _to_rgb(img: Image.Image, deep: bool = False) -> Image.Image:
 
 
 def decode_image(data: bytes, options: DecodeOptions) -> np.ndarray:
-    """Decode encoded image bytes into an (S, S, 3) float32 RGB array with values 0–255.
+    """Decode encoded image bytes into an (S, S, 3) float32 RGB array with values 0–255,
+    as Keras' `img_to_array` gives them. Raises ImageError (see `decode_pixels`)."""
+    return decode_pixels(data, options).astype(np.float32)
+
+
+def decode_pixels(data: bytes, options: DecodeOptions) -> np.ndarray:
+    """Decode encoded image bytes into an (S, S, 3) uint8 RGB array: the pipeline's form,
+    a quarter of float32's bytes between decoder, object store and model.
 
     Raises ImageError with a short reason for anything that is not a usable image:
     empty or truncated files, non-images, header-only files, decompression bombs.
@@ -129,7 +136,7 @@ def decode_image(data: bytes, options: DecodeOptions) -> np.ndarray:
         img = _to_rgb(img, deep=kind == "PNG" and _png_bit_depth(data) == 16)
         if img.size != size:
             img = img.resize(size, INTERPOLATIONS[options.interpolation])
-        return np.asarray(img, dtype=np.float32)
+        return np.asarray(img, dtype=np.uint8)
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
@@ -276,7 +283,7 @@ def decode_stream(samples: Iterator[Sample], options: DecodeOptions, pool: Threa
     as (entry, pixels, None) or (entry, None, reason)."""
     def one(s: Sample) -> tuple[np.ndarray | None, str | None]:
         try:
-            return decode_image(s.load(), options), None
+            return decode_pixels(s.load(), options), None
         except ImageError as err:
             return None, str(err)
 
@@ -314,6 +321,16 @@ def batched_pixels(stream: Iterator[tuple[Entry, np.ndarray | None, str | None]]
         yield entries, np.stack(arrays)
 
 
+class ImageBatches(Protocol):
+    """A shard's decoded images, as extract and predict read them: `ShardImages` decodes
+    here, `runner.decoding.RemoteImages` on decode workers."""
+
+    def batches(self, entries: tuple[Entry, ...], on_error: Callable[[Entry, str], None]
+                ) -> Iterator[tuple[list[Entry], np.ndarray]]: ...
+
+    def close(self) -> None: ...
+
+
 class ShardImages:
     """Read → decode → batch, ahead of the model: the one image path of extract and predict.
 
@@ -343,7 +360,7 @@ class ShardImages:
 
     def batches(self, entries: tuple[Entry, ...], on_error: Callable[[Entry, str], None]
                 ) -> Iterator[tuple[list[Entry], np.ndarray]]:
-        """(entries, (n, S, S, 3) float32 RGB 0–255) batches, the entries being the rows
+        """(entries, (n, S, S, 3) uint8 RGB) batches, the entries being the rows
         (a tar's members, say, for a tar's entry); failures go to `on_error`."""
         if not entries:
             return iter(())

@@ -227,6 +227,7 @@ class BatchRunner:
         )
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.asarray(batch, dtype=np.float32)  # uint8 pixels (predict) included
         n = len(batch)
         if n < self.batch_size:
             pad = np.zeros((self.batch_size - n, *batch.shape[1:]), dtype=np.float32)

@@ -63,21 +63,25 @@ def images(tmp_path):
     return root
 
 
-def test_killed_actor_mid_shard_is_replaced_and_its_shard_retried(images, tmp_path, ray_cluster):
+@pytest.mark.parametrize("decode_workers", [0, 1], ids=["no-decode-workers", "decode-workers"])
+def test_killed_actor_mid_shard_is_replaced_and_its_shard_retried(images, tmp_path, ray_cluster,
+                                                                  decode_workers):
+    """With decode workers, the decode worker is killed together with the model actor."""
     out = tmp_path / "out"
     result = {}
 
     def run():
         result["summary"] = run_extract(ExtractOptions(
             str(images), str(out), weights="random", image_size=SIZE, shard_size=6,
-            batch_size=2, progress=False))
+            batch_size=2, decode_workers=decode_workers, progress=False))
 
     t = threading.Thread(target=run)
     t.start()
     # Kill an extractor while it works on a shard (after the first commit, before the last).
     wait_for(lambda: len(committed_parts(out)) >= 1 and actor_processes("ShardActor"),
              what="a committed shard")
-    victims = actor_processes("ShardActor")
+    victims = actor_processes("ShardActor") + actor_processes("DecodeWorker")
+    assert len(victims) == 1 + decode_workers
     for v in victims:
         v.send_signal(signal.SIGKILL)
     t.join(timeout=600)
@@ -130,10 +134,10 @@ def start(cmd: list[str]) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def extract_command(images: Path, out: Path) -> list[str]:
+def extract_command(images: Path, out: Path, *more: str) -> list[str]:
     """61 files in 11 shards of 6, at 2 images a batch: slow enough to kill mid-job."""
     return cli("extract", str(images), str(out), "--weights", "random", "--image-size",
-               str(SIZE), "--shard-size", "6", "--batch-size", "2")
+               str(SIZE), "--shard-size", "6", "--batch-size", "2", *more)
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -143,9 +147,11 @@ def kill_group(proc: subprocess.Popen) -> None:
     time.sleep(1)
 
 
-def test_killed_job_resumes_without_rewriting_or_duplicating(images, tmp_path):
+@pytest.mark.parametrize("more", [[], ["--decode-workers", "1"]],
+                         ids=["no-decode-workers", "decode-workers"])
+def test_killed_job_resumes_without_rewriting_or_duplicating(images, tmp_path, more):
     out = tmp_path / "out"
-    cmd = extract_command(images, out)
+    cmd = extract_command(images, out, *more)
     proc = start(cmd)
     try:
         wait_for(lambda: len(committed_parts(out)) >= 2, what="two committed shards")

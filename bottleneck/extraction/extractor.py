@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..images import DecodeOptions, ShardImages, preprocess
+from ..images import DecodeOptions, ImageBatches, ShardImages, preprocess
 from ..runner.output import ShardResult
 from ..runner.planning import Entry, Shard
 from ..schema import DatasetMetadata, FeatureSettings, feature_schema
@@ -44,19 +44,24 @@ class ExtractConfig:
         s = self.settings
         return DecodeOptions(s.image_size, s.interpolation, s.jpeg_draft)
 
+    def images(self) -> ShardImages:
+        """The shard's image stream: INPUT's reader and the decoder, on `decode_threads`."""
+        return ShardImages(dict(self.storage_options), self.decode_options, self.batch_size,
+                           self.decode_threads, self.reader)
+
 
 class Extractor:
     """Holds one VGG16 conv base; turns shards into committed Parquet part files."""
 
-    def __init__(self, config: ExtractConfig):
+    def __init__(self, config: ExtractConfig, images: ImageBatches | None = None):
+        """`images`: where the decoded batches come from (decode workers); default: decoded
+        here, `config.images()`."""
         from ..model import BatchRunner, build_conv_base, configure_threads
 
         configure_threads(config.threads)
         self.config = config
-        options = dict(config.storage_options)
-        self.images = ShardImages(options, config.decode_options, config.batch_size,
-                                  config.decode_threads, config.reader)
-        self.out = Storage(config.output_url, options)
+        self.images = images or config.images()
+        self.out = Storage(config.output_url, dict(config.storage_options))
         self._schemas: dict[tuple[str, ...], Any] = {}
         s = config.settings
         if config.stand_in is not None:

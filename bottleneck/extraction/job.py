@@ -40,6 +40,7 @@ class ExtractOptions(InputOptions):
     actors: int | None = None
     gpus_per_actor: float | None = None
     threads: int | None = None
+    decode_workers: int | None = None
     address: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     overwrite: bool = False
@@ -171,16 +172,17 @@ def extract_job(c: CheckedExtract, stand_in: Any = None) -> ShardedJob:
     conv base (the pipeline-ceiling benchmark's, never a user's option)."""
     o = c.options
 
-    def make_worker(layout: Any) -> Any:
-        return partial(Extractor, ExtractConfig(
+    def config(layout: Any) -> ExtractConfig:
+        return ExtractConfig(
             settings=c.settings, weights=c.weights, output_url=c.out.url,
             batch_size=o.batch_size, threads=layout.threads,
             decode_threads=layout.decode_threads, reader=c.source.reader,
-            storage_options=tuple(sorted(o.storage_options.items())), stand_in=stand_in))
+            storage_options=tuple(sorted(o.storage_options.items())), stand_in=stand_in)
 
     return ShardedJob(name="extract", kind="features", source=c.source,
-                      make_worker=make_worker, output=c.out, settings=c.settings.to_dict(),
-                      shard_size=o.shard_size)
+                      make_worker=lambda layout: partial(Extractor, config(layout)),
+                      make_images=lambda layout: config(layout).images, output=c.out,
+                      settings=c.settings.to_dict(), shard_size=o.shard_size)
 
 
 def run_extract(o: ExtractOptions, checked: CheckedExtract | None = None,

@@ -40,6 +40,7 @@ class PredictOptions(InputOptions):
     shard_size: int = 256
     actors: int | None = None
     gpus_per_actor: float | None = None
+    decode_workers: int | None = None
     address: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     max_attempts: int = 3
@@ -109,15 +110,16 @@ def predict_job(c: CheckedPredict) -> ShardedJob:
     s = c.settings
     decode = DecodeOptions(s["image_size"], s["interpolation"], s.get("jpeg_draft", False))
 
-    def make_worker(layout: Any) -> Any:
-        return partial(Predictor, PredictConfig(
+    def config(layout: Any) -> PredictConfig:
+        return PredictConfig(
             c.model_dir.url, o.batch_size, o.top_k, decode,
             staging_url=c.staged.url if c.staged else None, threads=layout.threads,
             decode_threads=layout.decode_threads, reader=c.source.reader,
-            storage_options=tuple(sorted(o.storage_options.items()))))
+            storage_options=tuple(sorted(o.storage_options.items())))
 
     return ShardedJob(name="predict", kind="predictions", source=c.source,
-                      make_worker=make_worker, output=c.staged,
+                      make_worker=lambda layout: partial(Predictor, config(layout)),
+                      make_images=lambda layout: config(layout).images, output=c.staged,
                       settings={"model_dir": c.model_dir.url, "top_k": o.top_k, **s},
                       shard_size=o.shard_size, replace_on_mismatch=True)
 

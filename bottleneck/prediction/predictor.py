@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..images import DecodeOptions, ShardImages
+from ..images import DecodeOptions, ImageBatches, ShardImages
 from ..runner.output import COMPRESSION, ShardResult, write_errors
 from ..runner.planning import Entry, Shard, part_name
 from ..storage import Storage
@@ -32,6 +32,11 @@ class PredictConfig:
     reader: Any = None  # inputs.samples.SampleReader of INPUT's kind; None: image files
     storage_options: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
 
+    def images(self) -> ShardImages:
+        """The shard's image stream: INPUT's reader and the decoder, on `decode_threads`."""
+        return ShardImages(dict(self.storage_options), self.decode, self.batch_size,
+                           self.decode_threads, self.reader)
+
 
 def prediction_schema(top_k: int) -> pa.Schema:
     fields = [("path", pa.string()), ("prediction", pa.string()), ("probability", pa.float32())]
@@ -44,7 +49,9 @@ def prediction_schema(top_k: int) -> pa.Schema:
 class Predictor:
     """Holds the classifier; turns a shard of images into a table of predictions."""
 
-    def __init__(self, config: PredictConfig):
+    def __init__(self, config: PredictConfig, images: ImageBatches | None = None):
+        """`images`: where the decoded batches come from (decode workers); default: decoded
+        here, `config.images()`."""
         from ..model import BatchRunner, configure_threads
         from ..training.head import load_stored_model, read_model_info
 
@@ -55,8 +62,7 @@ class Predictor:
         self.classes, _ = read_model_info(store)
         self.run_model = BatchRunner(load_stored_model(store, "classifier.keras"),
                                      config.batch_size)
-        self.images = ShardImages(options, config.decode, config.batch_size,
-                                  config.decode_threads, config.reader)
+        self.images = images or config.images()
         self.staged = Storage(config.staging_url, options) if config.staging_url else None
 
     def process_shard(self, shard: Shard, progress: Any = None) -> ShardResult:

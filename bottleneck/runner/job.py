@@ -36,6 +36,7 @@ class RunOptions:
     actors: int | None = None
     gpus_per_actor: float | None = None
     threads: int | None = None
+    decode_workers: int | None = None  # None: as `decoding.decode_workers_for` decides
     max_attempts: int = 3
     progress: bool = True
     overwrite: bool = False
@@ -65,6 +66,9 @@ class ShardedJob:
     # With this, an OUTPUT made with other settings is replaced instead of refused (predict's
     # staging folder, which is the job's own).
     replace_on_mismatch: bool = False
+    # layout → a picklable callable that builds the job's `images.ShardImages` (reader and
+    # decoder) inside a decode worker; None: the job has no decode workers.
+    make_images: Callable[[Any], Callable[[], Any]] | None = None
 
     def __post_init__(self) -> None:
         # A source whose unit holds many images (a tar) fixes its shards: one unit each.
@@ -173,11 +177,13 @@ def _run_feed(job: ShardedJob, options: RunOptions, feed: ShardFeed, lock: Any,
     t_ray = time.perf_counter()
     outcome.where = connect(options.address)
     outcome.startup["ray"] = time.perf_counter() - t_ray
-    cpus, gpus, node_cpus = cluster_size()
+    cpus, gpus, node_cpus, cpu_node_cpus = cluster_size()
     layout = choose_layout(cpus, gpus, options.actors, options.gpus_per_actor,
-                           options.threads, node_cpus)
+                           options.threads, node_cpus,
+                           options.decode_workers if job.make_images else 0, cpu_node_cpus)
     outcome.layout = layout.describe()
-    pool = ShardPool(job.make_worker(layout), layout, options.max_attempts)
+    pool = ShardPool(job.make_worker(layout), layout, options.max_attempts,
+                     job.make_images(layout) if job.make_images else None)
     s = feed.state
     unit = {"webdataset": "tars", "parquet": "rows"}.get(job.source.format, "files")
     what = "listing" if feed.listing else f"{s.entries} {unit}, {s.shards} shards"

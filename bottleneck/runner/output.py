@@ -31,6 +31,8 @@ class ShardResult:
     errors: int
     seconds: dict[str, float] = field(default_factory=dict)
     worker: str = ""  # who ran it (a Ray actor id); empty in-process
+    node: str = ""  # the Ray node it ran on
+    decode_nodes: tuple[str, ...] = ()  # where decode workers decoded its images, if any
     gpu_ids: tuple[str, ...] = ()  # the accelerators Ray gave that worker
     table: Any = None  # the rows themselves, for a job with no OUTPUT (a pa.Table)
     error_rows: list[tuple[str, str]] = field(default_factory=list)

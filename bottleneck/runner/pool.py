@@ -7,7 +7,8 @@ Ray lacks is the give-up: each try of a shard asks the job's tracker actor which
 and after `max_attempts` it returns a `ShardFailure` instead of trying again, so a shard
 that kills its worker every time does not hold the job for ever.
 
-`choose_layout` is pure; nothing outside this module imports Ray, except through it.
+`choose_layout` is pure. Nothing else imports Ray, except through this module and
+`decoding` (the decode workers, which the pool starts when the layout has them).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from . import decoding
 from .planning import Shard
 
 # Measured on 2 cores (README, Performance): one actor using every core beats one per core,
@@ -43,20 +45,31 @@ class Layout:
     num_cpus: float
     num_gpus: float
     threads: int  # TensorFlow intra-op threads per actor
-    decode_threads: int
+    decode_threads: int  # per actor; with decode workers, per decode worker
+    decode_workers: int = 0  # CPU-only actors that decode for the others (`decoding`)
 
     def describe(self) -> str:
         dev = f"{self.num_gpus:g} GPU" if self.num_gpus else f"{self.threads} TF threads"
-        return (f"{self.actors} actor(s), each {dev} + {self.decode_threads} decode threads "
-                f"({self.num_cpus:g} CPU reserved)")
+        if not self.decode_workers:
+            return (f"{self.actors} actor(s), each {dev} + {self.decode_threads} decode "
+                    f"threads ({self.num_cpus:g} CPU reserved)")
+        return (f"{self.actors} actor(s), each {dev} ({self.num_cpus:g} CPU reserved), fed by "
+                f"{self.decode_workers} decode worker(s) of {decoding.WORKER_CPUS} CPU and "
+                f"{self.decode_threads} threads")
 
 
 def choose_layout(cluster_cpus: float, cluster_gpus: float, actors: int | None = None,
                   gpus_per_actor: float | None = None, threads: int | None = None,
-                  node_cpus: float | None = None) -> Layout:
+                  node_cpus: float | None = None, decode_workers: int | None = None,
+                  cpu_node_cpus: float = 0.0) -> Layout:
     """One actor per GPU when there are GPUs; otherwise actors of up to 8 threads that fill
     the CPUs, none bigger than the largest node (`node_cpus`, default: all the CPUs), so
-    that every actor fits on some node. `actors`, `gpus_per_actor` and `threads` override."""
+    that every actor fits on some node. `actors`, `gpus_per_actor` and `threads` override.
+
+    `decode_workers` (None: `decoding.decode_workers_for` decides, from the CPUs on nodes
+    without GPUs, `cpu_node_cpus`) adds CPU-only actors that decode for the others. On CPUs
+    they take their cores from the conv-base actors', leaving those at least one.
+    """
     cpus = max(1, int(cluster_cpus))
     largest = max(1, int(node_cpus or cpus))
     if gpus_per_actor is None:
@@ -65,11 +78,26 @@ def choose_layout(cluster_cpus: float, cluster_gpus: float, actors: int | None =
         # With no GPU node up yet (an autoscaler scaling from zero), ask for the actors
         # anyway: their GPU requests are what brings the nodes up.
         n = actors or max(1, int(cluster_gpus // gpus_per_actor))
-        # A GPU needs several cores of JPEG decoding to stay busy (README, GPUs); the actor
-        # reserves one CPU and runs its decode threads on the GPU node's cores.
+        # A GPU needs several cores of JPEG decoding to stay busy (README, GPUs): the actor
+        # reserves one CPU and runs its decode threads on the GPU node's cores, unless
+        # decode workers elsewhere have more (decode workers beyond the free CPUs wait for
+        # an autoscaler to add nodes).
+        workers = decoding.decode_workers_for(decode_workers, n, cluster_cpus - cpu_node_cpus,
+                                              cpu_node_cpus)
         return Layout(n, num_cpus=1, num_gpus=gpus_per_actor,
                       threads=threads or GPU_ACTOR_TF_THREADS,
-                      decode_threads=GPU_ACTOR_DECODE_THREADS)
+                      decode_threads=(decoding.WORKER_THREADS if workers
+                                      else GPU_ACTOR_DECODE_THREADS),
+                      decode_workers=workers)
+    workers = min(max(0, decode_workers or 0), (cpus - 1) // decoding.WORKER_CPUS)
+    if workers:
+        cpus -= workers * decoding.WORKER_CPUS
+        largest = min(largest, cpus)
+        per = max(1, min(cpus // actors, largest)) if actors else min(largest,
+                                                                     MAX_THREADS_PER_ACTOR)
+        actors = actors or max(1, cpus // per)
+        return Layout(actors, num_cpus=per, num_gpus=0.0, threads=threads or per,
+                      decode_threads=decoding.WORKER_THREADS, decode_workers=workers)
     if actors:
         per = max(1, min(cpus // actors, largest))
     else:
@@ -146,13 +174,16 @@ def disconnect() -> None:
     ray.shutdown()
 
 
-def cluster_size() -> tuple[float, float, float]:
-    """(CPUs, GPUs) of the whole cluster, and the CPUs of its largest node."""
+def cluster_size() -> tuple[float, float, float, float]:
+    """(CPUs, GPUs) of the whole cluster, the CPUs of its largest node, and the CPUs of its
+    nodes without GPUs."""
     import ray
 
     res = ray.cluster_resources()
-    nodes = [n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-    return res.get("CPU", 0.0), res.get("GPU", 0.0), max(nodes, default=0.0)
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    cpus = [r.get("CPU", 0.0) for r in nodes]
+    cpu_only = sum(r.get("CPU", 0.0) for r in nodes if not r.get("GPU"))
+    return res.get("CPU", 0.0), res.get("GPU", 0.0), max(cpus, default=0.0), cpu_only
 
 
 def worker_env() -> dict[str, str]:
@@ -236,10 +267,12 @@ class ShardActor:
 
     `factory()` builds the worker in the actor's process (it loads the model there);
     `worker.process_shard(shard, *args, progress=fn)` returns an `output.ShardResult`.
+    With `decode_workers` (their actor names), the worker is built as
+    `factory(images=decoding.RemoteImages(names))` and reads its images from them.
     """
 
-    def __init__(self, factory: Callable[[], Any], tracker: str, credentials: Credentials,
-                 max_attempts: int):
+    def __init__(self, factory: Callable[..., Any], tracker: str, credentials: Credentials,
+                 max_attempts: int, decode_workers: Sequence[str] = ()):
         import ray
 
         from ..tflog import quiet_tensorflow
@@ -254,7 +287,9 @@ class ShardActor:
         self.max_attempts = max_attempts
         self.crash_shards = {int(i) for i in os.environ.get(CRASH_SHARDS_ENV, "").split(",") if i}
         t2 = time.perf_counter()
-        self.worker = factory()
+        self.remote_images = decoding.RemoteImages(decode_workers) if decode_workers else None
+        self.worker = (factory(images=self.remote_images) if self.remote_images
+                       else factory())
         # Reported with this actor's first result: where its start-up went.
         self.startup: dict[str, float] | None = {
             "tensorflow_import": t1 - t0, "worker_build": time.perf_counter() - t2}
@@ -279,8 +314,12 @@ class ShardActor:
         except Exception as e:
             ray.get(self.tracker.fail.remote(shard.index, short_error(e)))
             raise
-        result.worker = ray.get_runtime_context().get_actor_id() or ""
+        context = ray.get_runtime_context()
+        result.worker = context.get_actor_id() or ""
+        result.node = context.get_node_id()
         result.gpu_ids = tuple(str(g) for g in ray.get_gpu_ids())
+        if self.remote_images:
+            result.decode_nodes = self.remote_images.take_nodes()
         if self.startup is not None:
             result.seconds.update(self.startup)
             self.startup = None
@@ -348,18 +387,30 @@ class ShardPool:
     actor, up to `max_attempts` tries in all; then it is reported in `outcome.failed`.
     """
 
-    def __init__(self, factory: Callable[[], Any], layout: Layout, max_attempts: int = 3):
+    def __init__(self, factory: Callable[..., Any], layout: Layout, max_attempts: int = 3,
+                 make_images: Callable[[], Any] | None = None):
+        """`make_images` builds the job's `images.ShardImages` in each decode worker; the
+        layout's decode workers start only with it."""
         import ray
 
         self.ray = ray
-        tracker = f"bottleneck-tracker-{uuid.uuid4().hex}"
+        run = uuid.uuid4().hex
+        tracker = f"bottleneck-tracker-{run}"
         self.tracker = ray.remote(num_cpus=0)(ProgressTracker).options(name=tracker).remote(
             max_attempts)
+        env = {"env_vars": worker_env()}
+        credentials = Credentials()
+        names = ([f"bottleneck-decode-{run}-{i}" for i in range(layout.decode_workers)]
+                 if make_images is not None else [])
+        # Started first, so that the conv-base actors find them by name.
+        self.decoders = [ray.remote(decoding.DecodeWorker).options(
+            name=name, num_cpus=decoding.WORKER_CPUS, max_restarts=-1,
+            max_concurrency=decoding.WORKER_CONCURRENCY,
+            runtime_env=env).remote(make_images, credentials) for name in names]
         actor_cls = ray.remote(ShardActor).options(
             num_cpus=layout.num_cpus, num_gpus=layout.num_gpus, max_restarts=-1,
-            runtime_env={"env_vars": worker_env()})
-        credentials = Credentials()
-        self.actors = [actor_cls.remote(factory, tracker, credentials, max_attempts)
+            runtime_env=env)
+        self.actors = [actor_cls.remote(factory, tracker, credentials, max_attempts, names)
                        for _ in range(layout.actors)]
         self.dead_reason = ""
 
@@ -436,7 +487,7 @@ class ShardPool:
             on_progress(done, errors)
 
     def shutdown(self) -> None:
-        for a in [*self.actors, self.tracker]:
+        for a in [*self.actors, *self.decoders, self.tracker]:
             try:
                 self.ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001 - it is already gone

@@ -337,7 +337,7 @@ def run_train(o: TrainOptions) -> dict[str, Any]:
 
     weights = check_train(o)
     where = connect(o.address)
-    cpus, gpus, node_cpus = cluster_size()
+    cpus, gpus, node_cpus, _ = cluster_size()
     cpus = min(cpus, node_cpus) or cpus  # one task: at most one node's CPUs
     _log(f"bottleneck train: on {where}, {'1 GPU' if gpus >= 1 else f'{cpus:g} CPUs'}")
     return run_task(train_head, o, weights, num_gpus=1 if gpus >= 1 else 0,

@@ -1,0 +1,152 @@
+"""Decode workers: reading and decoding on CPU-only Ray actors anywhere in the cluster, for
+conv-base actors whose own node lacks the cores to keep a GPU busy.
+
+A conv-base actor's `RemoteImages` sends its shard's entries out in chunks, round-robin over
+the decode workers, and reads back ready uint8 batches through Ray's object store. In
+flight, per conv-base actor: at most `CHUNKS_PER_WORKER` chunks per decode worker, each a
+Ray generator at most `BACKPRESSURE` batches ahead of its reader (a tar is one chunk), so
+memory is bounded and nothing spills. Faults are Ray's: a decode worker that dies is
+restarted, and its chunk's generator replayed, skipping the batches already delivered
+(decoding is deterministic), so a batch is never lost or duplicated. Any other failure
+raises in the conv-base actor, and the whole shard is retried: nothing of it was committed.
+
+`decode_workers_for` is pure: the rule that turns decode workers on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+# Cores of decoding one GPU needs to stay busy: ~500 img/s per core at 224 px (README,
+# Performance) against 1,500 (A10G, float16) to several thousand (H100, bfloat16) img/s.
+CORES_PER_GPU = 8
+WORKER_CPUS = 1  # each decode worker reserves one CPU…
+WORKER_THREADS = 2  # …and runs two threads, so that reads overlap decoding,
+WORKER_CONCURRENCY = 2  # …on two chunks at a time, so that they never idle between chunks
+CHUNKS_PER_WORKER = 2
+BACKPRESSURE = 2
+# A decode worker that keeps dying on a chunk (a native decoder crashing on an image) gives
+# up after this many restarts of the call; the shard is then retried, and given up, as any.
+CALL_RETRIES = 3
+
+# Test hook, used by tests/test_decode_workers.py only: a file path; the first decode worker
+# to deliver a batch while the file is absent creates it and dies (os._exit), standing in
+# for a node lost mid-chunk. Unset in normal use.
+KILL_ONCE_ENV = "BOTTLENECK_TEST_KILL_DECODE_WORKER_ONCE"
+
+
+def decode_workers_for(requested: int | None, gpu_actors: int, gpu_node_cpus: float,
+                       cpu_node_cpus: float) -> int:
+    """How many decode workers to start.
+
+    `requested` (--decode-workers) wins. Otherwise (auto) they start only for GPU actors
+    (`gpu_actors` > 0) whose nodes have fewer than CORES_PER_GPU cores per actor
+    (`gpu_node_cpus`: the CPUs of the nodes with GPUs, as up now), and only when the
+    CPU-only nodes (`cpu_node_cpus`) have more cores than the GPU nodes would decode on:
+    then one per CPU-only core, up to CORES_PER_GPU per GPU actor. With no GPU node up yet
+    (an autoscaler scaling from zero) nothing is known of their cores: 0.
+    """
+    if requested is not None:
+        return max(0, requested)
+    if gpu_actors <= 0 or gpu_node_cpus <= 0:
+        return 0
+    local = gpu_node_cpus - gpu_actors  # each GPU actor keeps a core for itself
+    need = gpu_actors * CORES_PER_GPU
+    if gpu_node_cpus >= need or cpu_node_cpus <= local:
+        return 0
+    return int(min(cpu_node_cpus // WORKER_CPUS, need))
+
+
+class DecodeWorker:
+    """The actor: one `ShardImages` (the job's reader and decoder) on a CPU-only node."""
+
+    def __init__(self, make_images: Callable[[], Any], credentials: Any):
+        import ray
+
+        credentials.restore()
+        self.images = make_images()
+        self.node = ray.get_runtime_context().get_node_id()
+        self.kill_once = os.environ.get(KILL_ONCE_ENV)
+
+    def batch_size(self) -> int:
+        return int(self.images.batch_size)
+
+    def decode(self, entries: Sequence[Any]) -> Iterator[tuple[list, Any, list, str]]:
+        """A Ray generator: (rows, uint8 pixels or None, [(entry, reason)], node id) for each
+        batch of `entries`; failures ride with the next batch, or alone at the end."""
+        errors: list[tuple[Any, str]] = []
+        for rows, pixels in self.images.batches(tuple(entries),
+                                                lambda e, r: errors.append((e, r))):
+            yield rows, pixels, errors[:], self.node
+            errors.clear()
+            if self.kill_once and not os.path.exists(self.kill_once):
+                open(self.kill_once, "w").close()
+                os._exit(1)
+        if errors:
+            yield [], None, errors, self.node
+
+
+class RemoteImages:
+    """A conv-base actor's image stream when decode workers do the decoding: the same
+    `batches(entries, on_error)` as `images.ShardImages`, in the same order, in full batches."""
+
+    def __init__(self, names: Sequence[str]):
+        import ray
+
+        self.ray = ray
+        self.workers = [ray.get_actor(n) for n in names]
+        self.batch_size = ray.get(self.workers[0].batch_size.remote())
+        self.nodes: set[str] = set()  # where this actor's batches were decoded
+        # Conv-base actors start at different workers, so that their first chunks spread.
+        self._next = int.from_bytes(os.urandom(2), "little")
+
+    def _submit(self, chunk: Sequence[Any]) -> Any:
+        worker = self.workers[self._next % len(self.workers)]
+        self._next += 1
+        return worker.decode.options(
+            _generator_backpressure_num_objects=BACKPRESSURE,
+            max_task_retries=CALL_RETRIES).remote(list(chunk))
+
+    def batches(self, entries: Sequence[Any], on_error: Callable[[Any, str], None]
+                ) -> Iterator[tuple[list, np.ndarray]]:
+        n = self.batch_size
+        chunks = iter([entries[i:i + n] for i in range(0, len(entries), n)])
+        window = CHUNKS_PER_WORKER * len(self.workers)
+        pending: deque[Any] = deque(self._submit(c) for _, c in zip(range(window), chunks))
+        rows: list[Any] = []
+        arrays: list[np.ndarray] = []
+        while pending:
+            gen = pending.popleft()
+            if (chunk := next(chunks, None)) is not None:
+                pending.append(self._submit(chunk))
+            for ref in gen:
+                got_rows, pixels, errors, node = self.ray.get(ref)
+                del ref  # frees the batch in the object store once copied here
+                self.nodes.add(node)
+                for e, reason in errors:
+                    on_error(e, reason)
+                if got_rows:
+                    rows += got_rows
+                    arrays.append(pixels)
+                # Chunks end in short batches where images failed: regroup into full ones,
+                # since the model pads every short batch to full size.
+                if len(rows) >= n:
+                    stacked = np.concatenate(arrays)
+                    while len(rows) >= n:
+                        yield rows[:n], stacked[:n]
+                        rows, stacked = rows[n:], stacked[n:]
+                    arrays = [stacked] if len(rows) else []
+        if rows:
+            yield rows, np.concatenate(arrays)
+
+    def take_nodes(self) -> tuple[str, ...]:
+        nodes, self.nodes = tuple(sorted(self.nodes)), set()
+        return nodes
+
+    def close(self) -> None:
+        pass
