@@ -333,6 +333,9 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
                    help="the pipeline's own ceiling instead: extract with a stand-in of no "
                         "cost in place of the conv base (recorded outputs replayed), against "
                         "decoding alone on the same cores")
+    p.add_argument("--decode-workers", type=_decode_workers, default=None, metavar="N|auto",
+                   help="as for extract; with --ceiling, N also runs the extract path a "
+                        "second time with N decode workers (default: auto)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
     p.add_argument("--workdir", default=None, help="where temporary files go (default: $TMPDIR)")
     p.set_defaults(func=cmd_benchmark)
@@ -345,14 +348,15 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         from .tools.bench_ceiling import format_ceiling, run_ceiling
 
         r = run_ceiling(args.images, args.count, args.image_size, args.batch_size,
-                        workdir=args.workdir)
+                        workdir=args.workdir, decode_workers=args.decode_workers)
         print(format_ceiling(r))
     else:
         from .tools.benchmark import format_results, run_benchmark
 
         r = run_benchmark(args.images, args.count, args.image_size, args.weights,
                           args.batch_size, args.limit_seconds, args.ray_data,
-                          workdir=args.workdir, precision=args.precision)
+                          workdir=args.workdir, precision=args.precision,
+                          decode_workers=args.decode_workers)
         print(format_results(r))
     if args.json:
         with open(args.json, "w") as f:

@@ -40,6 +40,11 @@ def test_layout_with_decode_workers():
     assert (gpu.actors, gpu.num_gpus, gpu.decode_workers) == (1, 1.0, 8)
     assert "fed by 8 decode worker(s)" in gpu.describe()
     assert choose_layout(9, 1, cpu_node_cpus=8, decode_workers=0).decode_workers == 0
+    # Never more than the CPUs free beside the GPU actors: one more could not restart.
+    assert choose_layout(3, 1, cpu_node_cpus=2, decode_workers=3).decode_workers == 2
+    # No GPU node up yet: the actors' CPUs will come with their nodes.
+    assert choose_layout(8, 0, gpus_per_actor=1, actors=2, decode_workers=8,
+                         cpu_node_cpus=8).decode_workers == 8
     # On CPUs, decode workers take their cores from the model actors, leaving them one.
     cpu = choose_layout(8, 0, decode_workers=3)
     assert (cpu.actors, cpu.num_cpus, cpu.decode_workers) == (1, 5, 3)

@@ -7,8 +7,9 @@ flight, per conv-base actor: at most `CHUNKS_PER_WORKER` chunks per decode worke
 Ray generator at most `BACKPRESSURE` batches ahead of its reader (a tar is one chunk), so
 memory is bounded and nothing spills. Faults are Ray's: a decode worker that dies is
 restarted, and its chunk's generator replayed, skipping the batches already delivered
-(decoding is deterministic), so a batch is never lost or duplicated. Any other failure
-raises in the conv-base actor, and the whole shard is retried: nothing of it was committed.
+(decoding is deterministic). A replay that fails, and any other failure, raises in the
+conv-base actor, and the whole shard is retried: nothing of it was committed. Either way a
+batch is never lost or duplicated.
 
 `decode_workers_for` is pure: the rule that turns decode workers on.
 """
@@ -99,11 +100,26 @@ class RemoteImages:
         import ray
 
         self.ray = ray
-        self.workers = [ray.get_actor(n) for n in names]
-        self.batch_size = ray.get(self.workers[0].batch_size.remote())
+        # Chunks go only to decode workers that are up: one still starting (its node still
+        # booting) would hold them.
+        self._starting = {w.batch_size.remote(): w for w in map(ray.get_actor, names)}
+        self.workers: list[Any] = []
+        self.batch_size = 0
         self.nodes: set[str] = set()  # where this actor's batches were decoded
         # Conv-base actors start at different workers, so that their first chunks spread.
         self._next = int.from_bytes(os.urandom(2), "little")
+
+    def _take_started(self) -> None:
+        """Add the decode workers started since the last look (waits for one if none is)."""
+        if not self._starting:
+            return
+        ready, _ = self.ray.wait(list(self._starting), num_returns=len(self._starting),
+                                 timeout=0)
+        if not ready and not self.workers:
+            ready, _ = self.ray.wait(list(self._starting), num_returns=1)
+        for ref in ready:
+            self.batch_size = self.ray.get(ref)
+            self.workers.append(self._starting.pop(ref))
 
     def _submit(self, chunk: Sequence[Any]) -> Any:
         worker = self.workers[self._next % len(self.workers)]
@@ -114,6 +130,7 @@ class RemoteImages:
 
     def batches(self, entries: Sequence[Any], on_error: Callable[[Any, str], None]
                 ) -> Iterator[tuple[list, np.ndarray]]:
+        self._take_started()
         n = self.batch_size
         chunks = iter([entries[i:i + n] for i in range(0, len(entries), n)])
         window = CHUNKS_PER_WORKER * len(self.workers)

@@ -80,10 +80,14 @@ def choose_layout(cluster_cpus: float, cluster_gpus: float, actors: int | None =
         n = actors or max(1, int(cluster_gpus // gpus_per_actor))
         # A GPU needs several cores of JPEG decoding to stay busy (README, GPUs): the actor
         # reserves one CPU and runs its decode threads on the GPU node's cores, unless
-        # decode workers elsewhere have more (decode workers beyond the free CPUs wait for
-        # an autoscaler to add nodes).
-        workers = decoding.decode_workers_for(decode_workers, n, cluster_cpus - cpu_node_cpus,
-                                              cpu_node_cpus)
+        # decode workers elsewhere have more.
+        gpu_node_cpus = cluster_cpus - cpu_node_cpus
+        workers = decoding.decode_workers_for(decode_workers, n, gpu_node_cpus, cpu_node_cpus)
+        # No more than the CPUs free beside the actors (theirs are on GPU nodes, if up): a
+        # decode worker that dies could not be restarted while another waited for its CPU,
+        # and its chunk would wait with it.
+        free = int(cluster_cpus - (n if gpu_node_cpus > 0 else 0))
+        workers = min(workers, max(0, free) // decoding.WORKER_CPUS)
         return Layout(n, num_cpus=1, num_gpus=gpus_per_actor,
                       threads=threads or GPU_ACTOR_TF_THREADS,
                       decode_threads=(decoding.WORKER_THREADS if workers

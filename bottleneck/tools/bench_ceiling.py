@@ -11,7 +11,10 @@ On the same photos and cores, in one run:
    cannot be had here; the outputs are real ReLU activations of the real shape, so the
    writer's compression and the commit cost what they will behind a GPU). Steady state:
    images over the actors' time inside shards, each actor's first shard left out;
-3. the writer's share of the actors' time in shards (`writer_share`).
+3. the writer's share of the actors' time in shards (`writer_share`);
+4. with `decode_workers` N, `ceiling_decode_workers_img_s`: the same path again with N
+   decode workers doing the decoding, their batches handed to the actor through Ray's
+   object store (the decode-alone threads are the same cores' either way).
 """
 
 from __future__ import annotations
@@ -51,8 +54,8 @@ def record_outputs(paths: list[Path], image_size: int, n: int = 16) -> np.ndarra
 
 
 def run_ceiling(images: str | None, count: int = 1024, image_size: int = 224,
-                batch_size: int = 32, shard_size: int = 256, workdir: str | None = None
-                ) -> dict[str, Any]:
+                batch_size: int = 32, shard_size: int = 256, workdir: str | None = None,
+                decode_workers: int | None = None) -> dict[str, Any]:
     from ..extraction.job import ExtractOptions, run_extract
     from ..runner.pool import choose_layout
     from .benchmark import gpu_count
@@ -71,10 +74,18 @@ def run_ceiling(images: str | None, count: int = 1024, image_size: int = 224,
         decode_runs = [decode_rate(paths, image_size, threads)]
         print(f"{len(paths)} images at {image_size} px; decode on {threads} thread(s): "
               f"{decode_runs[0]:.1f} img/s", flush=True)
-        o = ExtractOptions(input=images, output=f"{tmp}/out", weights="random",
-                           image_size=image_size, batch_size=batch_size,
-                           shard_size=shard_size, address="local", progress=False)
-        summary = run_extract(o, stand_in=recorded)
+        def extract(name: str, workers: int) -> Any:
+            o = ExtractOptions(input=images, output=f"{tmp}/{name}", weights="random",
+                               image_size=image_size, batch_size=batch_size,
+                               shard_size=shard_size, address="local", progress=False,
+                               decode_workers=workers)
+            s = run_extract(o, stand_in=recorded)
+            print(f"extract path ({s.layout}): {s.timing()['steady_img_per_s']} img/s "
+                  "(steady state)", flush=True)
+            return s
+
+        summary = extract("out", 0)
+        remote = extract("out-decode-workers", decode_workers) if decode_workers else None
         decode_runs.append(decode_rate(paths, image_size, threads))
     timing = summary.timing()
     busy = sum(r.seconds.get("total", 0.0) for r in summary.results)
@@ -87,6 +98,12 @@ def run_ceiling(images: str | None, count: int = 1024, image_size: int = 224,
         writer_share=round(write / busy, 3) if busy else None)
     res["ratio_ceiling_to_decode"] = (round(res["ceiling_img_s"] / res["decode_img_s"], 3)
                                       if res["ceiling_img_s"] else None)
+    if remote is not None:
+        steady = remote.timing()["steady_img_per_s"]
+        res.update(decode_workers=decode_workers, decode_workers_layout=remote.layout,
+                   ceiling_decode_workers_img_s=steady,
+                   ratio_decode_workers_to_decode=(round(steady / res["decode_img_s"], 3)
+                                                   if steady else None))
     return res
 
 
@@ -100,4 +117,8 @@ def format_ceiling(r: dict[str, Any]) -> str:
         f"  whole job (Ray, actor)    {r['whole_job_img_s'] or 0:8.1f} img/s",
         f"  writer's share of shards  {r['writer_share']}",
         f"layout                      {r['layout']}",
-    ])
+    ] + ([
+        f"with {r['decode_workers']} decode worker(s) {r['ceiling_decode_workers_img_s'] or 0:8.1f}"
+        f" img/s   {r['ratio_decode_workers_to_decode']} of decode alone (steady state)",
+        f"  layout                    {r['decode_workers_layout']}",
+    ] if "decode_workers" in r else []))

@@ -93,7 +93,8 @@ def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
 def run_benchmark(images: str | None, count: int = 1024, image_size: int = 224,
                   weights: str = "random", batch_size: int = 32, limit_seconds: float = 30.0,
                   ray_data: bool = True, workdir: str | None = None,
-                  precision: str = "float32") -> dict[str, Any]:
+                  precision: str = "float32", decode_workers: int | None = None
+                  ) -> dict[str, Any]:
     from ..runner.pool import choose_layout
     from .demo_data import sklearn_datasets, write_photos
 
@@ -111,7 +112,7 @@ def run_benchmark(images: str | None, count: int = 1024, image_size: int = 224,
         n = len(paths)
         res["images"] = n
         cpus = os.cpu_count() or 1
-        layout = choose_layout(cpus, gpu_count())
+        layout = choose_layout(cpus, gpu_count(), decode_workers=decode_workers)
         res["layout"] = layout.describe()
         print(f"{n} images at {image_size} px; extract's layout here: {layout.describe()}",
               flush=True)
@@ -125,7 +126,7 @@ def run_benchmark(images: str | None, count: int = 1024, image_size: int = 224,
 
         # 2. The whole command, as a user runs it (a fresh process starts its own Ray).
         res.update(extract_command(images, f"{tmp}/out", n, weights, image_size, batch_size,
-                                    precision, env))
+                                    precision, env, decode_workers))
         res["limit_runs"].append(_limit(layout, weights, image_size, batch_size, limit_seconds,
                                         precision))
         res["limit_img_s"] = sum(res["limit_runs"]) / len(res["limit_runs"])
@@ -148,11 +149,13 @@ def run_benchmark(images: str | None, count: int = 1024, image_size: int = 224,
 
 
 def extract_command(images: str, out: str, n: int, weights: str, image_size: int,
-                     batch_size: int, precision: str, env: dict[str, str]) -> dict[str, Any]:
+                     batch_size: int, precision: str, env: dict[str, str],
+                     decode_workers: int | None = None) -> dict[str, Any]:
     """`bottleneck extract` in a fresh process: whole-command and steady-state img/s."""
     cmd = [sys.executable, "-m", "bottleneck", "extract", images, out, "--weights", weights,
            "--image-size", str(image_size), "--batch-size", str(batch_size), "--address",
-           "local", "--no-progress", "--precision", precision]
+           "local", "--no-progress", "--precision", precision,
+           "--decode-workers", "auto" if decode_workers is None else str(decode_workers)]
     secs, _ = _run(cmd, env)
     done = json.loads(Path(out, "_SUCCESS.json").read_text())
     steady = done.get("timing", {}).get("steady_img_per_s")
