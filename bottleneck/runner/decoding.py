@@ -32,8 +32,9 @@ WORKER_CONCURRENCY = 2  # …on two chunks at a time, so that they never idle be
 CHUNKS_PER_WORKER = 2
 BACKPRESSURE = 2
 # A decode worker that keeps dying on a chunk (a native decoder crashing on an image) gives
-# up after this many restarts of the call; the shard is then retried, and given up, as any.
-CALL_RETRIES = 3
+# up after this many retries of the call (Ray may count one death twice: "restarted", then
+# "restarting"); the shard is then retried, and given up, as any.
+CALL_RETRIES = 6
 
 # Test hook, used by tests/test_decode_workers.py only: a file path; the first decode worker
 # to deliver a batch while the file is absent creates it and dies (os._exit), standing in
