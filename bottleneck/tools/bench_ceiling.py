@@ -3,8 +3,8 @@ decode rate when the model costs nothing: the GPU case in miniature.
 
 On the same photos and cores, in one run:
 1. `decode_img_s`: read + decode + resize on as many threads as extract's actors decode
-   on, nothing else running; measured before and after the job, and the mean taken (these
-   VMs drift between runs);
+   on, nothing else running; measured just before and just after each extract pass, each
+   pass compared with the mean of its two (these VMs drift by a third within minutes);
 2. `ceiling_img_s`: the real extract path (plan, Ray actor, read, decode, batch,
    preprocess, write, commit) with the conv base replaced by a stand-in that replays real
    conv-base outputs recorded once (VGG16 with seeded random weights: the ImageNet ones
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..images import DecodeOptions, decode_image, preprocess
+from ..images import DecodeOptions, decode_image, decode_pixels, preprocess
 
 
 def decode_rate(paths: list[Path], image_size: int, threads: int) -> float:
@@ -36,7 +36,7 @@ def decode_rate(paths: list[Path], image_size: int, threads: int) -> float:
     opts = DecodeOptions(image_size)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        for _ in pool.map(lambda p: decode_image(p.read_bytes(), opts), paths):
+        for _ in pool.map(lambda p: decode_pixels(p.read_bytes(), opts), paths):
             pass
     return len(paths) / (time.perf_counter() - t0)
 
@@ -56,6 +56,8 @@ def record_outputs(paths: list[Path], image_size: int, n: int = 16) -> np.ndarra
 def run_ceiling(images: str | None, count: int = 1024, image_size: int = 224,
                 batch_size: int = 32, shard_size: int = 256, workdir: str | None = None,
                 decode_workers: int | None = None) -> dict[str, Any]:
+    """Each extract pass is compared with decoding alone timed just before and just after
+    it (the mean of the two), since these VMs drift by a third within minutes."""
     from ..extraction.job import ExtractOptions, run_extract
     from ..runner.pool import choose_layout
     from .benchmark import gpu_count
@@ -71,9 +73,12 @@ def run_ceiling(images: str | None, count: int = 1024, image_size: int = 224,
         threads = layout.decode_threads * layout.actors
         res.update(images=len(paths), layout=layout.describe(), decode_threads=threads)
         recorded = record_outputs(paths, image_size)
-        decode_runs = [decode_rate(paths, image_size, threads)]
-        print(f"{len(paths)} images at {image_size} px; decode on {threads} thread(s): "
-              f"{decode_runs[0]:.1f} img/s", flush=True)
+
+        def decode() -> float:
+            rate = decode_rate(paths, image_size, threads)
+            print(f"decode alone on {threads} thread(s): {rate:.1f} img/s", flush=True)
+            return rate
+
         def extract(name: str, workers: int) -> Any:
             o = ExtractOptions(input=images, output=f"{tmp}/{name}", weights="random",
                                image_size=image_size, batch_size=batch_size,
@@ -84,26 +89,33 @@ def run_ceiling(images: str | None, count: int = 1024, image_size: int = 224,
                   "(steady state)", flush=True)
             return s
 
+        decode_runs = [decode()]
         summary = extract("out", 0)
-        remote = extract("out-decode-workers", decode_workers) if decode_workers else None
-        decode_runs.append(decode_rate(paths, image_size, threads))
+        decode_runs.append(decode())
+        remote = None
+        if decode_workers:
+            remote = extract("out-decode-workers", decode_workers)
+            decode_runs.append(decode())
     timing = summary.timing()
     busy = sum(r.seconds.get("total", 0.0) for r in summary.results)
     write = sum(r.seconds.get("write", 0.0) for r in summary.results)
+
+    def ratio(rate: float | None, around: list[float]) -> float | None:
+        return round(rate / (sum(around) / len(around)), 3) if rate else None
+
     res.update(
         decode_runs=[round(r, 1) for r in decode_runs],
-        decode_img_s=round(sum(decode_runs) / len(decode_runs), 1),
+        decode_img_s=round(sum(decode_runs[:2]) / 2, 1),
         ceiling_img_s=timing["steady_img_per_s"],
         whole_job_img_s=timing["img_per_s"],
-        writer_share=round(write / busy, 3) if busy else None)
-    res["ratio_ceiling_to_decode"] = (round(res["ceiling_img_s"] / res["decode_img_s"], 3)
-                                      if res["ceiling_img_s"] else None)
+        writer_share=round(write / busy, 3) if busy else None,
+        ratio_ceiling_to_decode=ratio(timing["steady_img_per_s"], decode_runs[:2]))
     if remote is not None:
         steady = remote.timing()["steady_img_per_s"]
         res.update(decode_workers=decode_workers, decode_workers_layout=remote.layout,
+                   decode_img_s_around_decode_workers=round(sum(decode_runs[1:]) / 2, 1),
                    ceiling_decode_workers_img_s=steady,
-                   ratio_decode_workers_to_decode=(round(steady / res["decode_img_s"], 3)
-                                                   if steady else None))
+                   ratio_decode_workers_to_decode=ratio(steady, decode_runs[1:]))
     return res
 
 
@@ -111,7 +123,8 @@ def format_ceiling(r: dict[str, Any]) -> str:
     return "\n".join([
         f"images                      {r['images']} at {r['image_size']} px",
         f"decode alone                {r['decode_img_s']:8.1f} img/s   on {r['decode_threads']} "
-        f"thread(s) (before and after: {', '.join(map(str, r['decode_runs']))})",
+        f"thread(s) (before, between, after the passes: "
+        f"{', '.join(map(str, r['decode_runs']))})",
         f"extract path, stand-in model{r['ceiling_img_s'] or 0:8.1f} img/s   "
         f"{r['ratio_ceiling_to_decode']} of decode alone (steady state)",
         f"  whole job (Ray, actor)    {r['whole_job_img_s'] or 0:8.1f} img/s",
@@ -119,6 +132,7 @@ def format_ceiling(r: dict[str, Any]) -> str:
         f"layout                      {r['layout']}",
     ] + ([
         f"with {r['decode_workers']} decode worker(s) {r['ceiling_decode_workers_img_s'] or 0:8.1f}"
-        f" img/s   {r['ratio_decode_workers_to_decode']} of decode alone (steady state)",
+        f" img/s   {r['ratio_decode_workers_to_decode']} of decode alone around it "
+        f"({r['decode_img_s_around_decode_workers']} img/s)",
         f"  layout                    {r['decode_workers_layout']}",
     ] if "decode_workers" in r else []))
