@@ -5,6 +5,8 @@ is new and names what vanished. No Ray: the feed is driven as the pool drives it
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -12,7 +14,7 @@ import pytest
 
 from bottleneck.inputs.source import START, InputError, ListingStats, Position, page, skip_entries
 from bottleneck.runner.feed import ShardFeed
-from bottleneck.runner.plan import CHUNK_SHARDS, LISTED, read_state
+from bottleneck.runner.plan import CHUNK_SHARDS, LISTED, read_state, shards_of
 from bottleneck.runner.pool import drain as drain_feed
 from bottleneck.storage import Storage
 
@@ -72,6 +74,43 @@ def test_shards_cover_every_entry_once_in_order(tmp_path, n, size):
     assert state.complete and (state.entries, state.shards) == (n, len(shards))
     assert state.chunks >= -(-len(shards) // CHUNK_SHARDS)
     assert sum(state.labels.values()) == n
+
+
+def test_shards_of_a_table_in_many_pieces_are_made_one_at_a_time():
+    ids = [0, 0, 0, 1, 1, 2, 3, 3, 3, 3]
+    pieces = [(0, 2), (2, 5), (5, 6), (6, 10)]  # as the plan writer leaves pages, uncopied
+    table = pa.concat_tables([pa.table({
+        "shard": pa.array(ids[a:b], pa.int64()),
+        "url": [f"in/c/{i}.jpg" for i in range(a, b)],
+        "label": ["c"] * (b - a)}) for a, b in pieces])
+    shards = shards_of(table, skip={2})
+    first = next(shards)  # the others are not made yet
+    assert (first.index, [e.url for e in first.entries]) == (0, ["in/c/0.jpg", "in/c/1.jpg",
+                                                                  "in/c/2.jpg"])
+    assert [(s.index, len(s)) for s in shards] == [(1, 2), (3, 4)]
+
+
+def test_a_configured_driver_writes_the_plan_without_mimalloc(tmp_path):
+    # Parquet's writer takes its buffers from Arrow's C++ default pool, not set_memory_pool's.
+    code = f"""
+import os
+from bottleneck.runner.memory import configure_driver
+configure_driver()
+import pyarrow as pa
+from bottleneck.inputs.source import page
+from bottleneck.runner.plan import PlanState, PlanWriter
+from bottleneck.storage import Storage
+w = PlanWriter(Storage({str(tmp_path)!r}), 256, PlanState())
+w.add(page([f"in/c/{{i:06d}}.jpg" for i in range(50_000)], ["c"] * 50_000))
+w.finish(0, 0.0, {{}})
+try:
+    used = pa.mimalloc_memory_pool().max_memory()
+except NotImplementedError:  # a pyarrow built without it
+    used = 0
+print(used, "ARROW_DEFAULT_MEMORY_POOL" in os.environ)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", "False"]
 
 
 def test_a_rerun_reads_the_plan_and_skips_committed_shards(tmp_path):

@@ -4,7 +4,8 @@ A thread lists INPUT into the plan (`plan.PlanWriter`) while the pool takes shar
 from it in order (`ShardFeed.next`), leaving out those committed before. The pool's first
 request makes the writer put out the shards it has at once, so the first shard starts about
 as soon after start for a billion keys as for a thousand. The driver holds one chunk of
-shards and the lister's bounded buffer, never the whole listing.
+the plan (as Arrow; a shard's entries are made as the pool takes it) and the lister's
+bounded buffer, never the whole listing.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class ShardFeed:
         self._error: BaseException | None = None
         self._hungry = False
         self._next_chunk = 0
-        self._buffer: deque[Shard] = deque()
+        self._chunk: Iterator[Shard] = iter(())  # the chunk being read, a shard at a time
+        self._buffer: deque[Shard] = deque()  # taken from it ahead (has_work, finished)
         self._thread: threading.Thread | None = None
         self.seconds = 0.0
 
@@ -90,20 +92,23 @@ class ShardFeed:
             self._thread.start()
 
     def next(self) -> Shard | None:
-        while not self._buffer:
+        if self._buffer:
+            return self._buffer.popleft()
+        while (shard := next(self._chunk, None)) is None:
             with self._cv:
                 if self._error is not None:
                     raise self._error
                 if self._next_chunk >= self._chunks_ready:
                     self._hungry = not self._listing_done
                     return None
-            table = read_chunk(self.store, self._next_chunk)
+            self._chunk = shards_of(read_chunk(self.store, self._next_chunk), self.committed)
             self._next_chunk += 1
-            self._buffer.extend(shards_of(table, self.committed))
-        return self._buffer.popleft()
+        return shard
 
     @property
     def finished(self) -> bool:
+        if not self._buffer and (shard := next(self._chunk, None)) is not None:
+            self._buffer.append(shard)  # the chunk being read has more
         with self._cv:
             if self._error is not None:
                 raise self._error

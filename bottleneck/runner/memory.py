@@ -10,6 +10,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
+import sys
 from typing import Any
 
 M_ARENA_MAX = -8  # mallopt's parameter number, from glibc's malloc.h
@@ -23,7 +25,17 @@ def _libc() -> Any:
 
 def configure_driver() -> None:
     """Arrow's system allocator instead of mimalloc, and (on glibc) two malloc arenas
-    instead of one per request thread. Call it first thing in a job's driver process."""
+    instead of one per request thread. Call it first thing in a job's driver process,
+    before pyarrow is imported."""
+    if "pyarrow" not in sys.modules and "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
+        # Arrow's C++ default, read once as pyarrow loads: Parquet's reader and writer take
+        # their buffers from it whatever set_memory_pool says (mimalloc kept up to 20 MB of
+        # them). Set for this import only, so that Ray's workers keep Arrow's default.
+        os.environ["ARROW_DEFAULT_MEMORY_POOL"] = "system"
+        try:
+            import pyarrow  # noqa: F401
+        finally:
+            del os.environ["ARROW_DEFAULT_MEMORY_POOL"]
     import pyarrow as pa
 
     pa.set_memory_pool(pa.system_memory_pool())

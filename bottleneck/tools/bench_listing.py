@@ -26,8 +26,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..inputs.bucket_listing import BucketLister, KeyStore, timed
-
 
 class ComputedKeys(Sequence):
     """`n` sorted keys computed from their index: 100 class folders, or one flat prefix."""
@@ -64,6 +62,8 @@ def sequential(list_page: Any) -> tuple[int, int]:
 
 
 def bench_listing(n: int, layout: str, delay: float, requests: int) -> dict[str, Any]:
+    from ..inputs.bucket_listing import BucketLister, KeyStore, timed
+
     # The keys in a list: the store's own work must not weigh on the lister, in this process.
     store = KeyStore(ComputedKeys(n, layout)[0:n], presorted=True)
     t = time.perf_counter()
@@ -100,15 +100,16 @@ def job_figures(n: int, delay: float, requests: int, workdir: str, list_file: bo
     """In this process (run it in a fresh one: peak RSS is per process): a real extract job
     over `n` keys (or `n` rows of a list file), stopped once the listing is done and a shard
     is committed."""
+    from ..runner.memory import configure_driver
+
+    configure_driver()  # as `bottleneck extract` does: before anything imports pyarrow
     from PIL import Image
 
     from ..extraction.job import ExtractOptions, check_extract, extract_job
+    from ..inputs.bucket_listing import KeyStore, timed
     from ..inputs.listing import FolderSource
     from ..runner.job import run_options, run_sharded
-    from ..runner.memory import configure_driver
     from ..storage import Storage
-
-    configure_driver()  # as `bottleneck extract` does
     images = Path(workdir) / "images"
     keys = ComputedKeys(n, "folders")
     first = images / keys[0]
