@@ -238,11 +238,12 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from . import api
-    from .prediction.job import format_rows, header
     from .runner.memory import configure_driver
 
-    configure_driver()
+    configure_driver()  # before anything imports pyarrow
+    from . import api
+    from .prediction.job import format_rows, header
+
     printed = False
 
     def show(table: object) -> None:  # each shard's predictions as it finishes
