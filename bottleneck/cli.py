@@ -27,7 +27,7 @@ def _storage_options(text: str | None) -> dict:
 def _decode_workers(text: str) -> int | None:
     if text == "auto":
         return None
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise argparse.ArgumentTypeError(f"must be 'auto' or a whole number >= 0, not {text!r}")
     return int(text)
 

@@ -35,6 +35,8 @@ BACKPRESSURE = 2
 # up after this many retries of the call (Ray may count one death twice: "restarted", then
 # "restarting"); the shard is then retried, and given up, as any.
 CALL_RETRIES = 6
+# How long a model actor waits for its first decode worker to start before its shard fails.
+START_TIMEOUT_S = 300.0
 
 # Test hook, used by tests/test_decode_workers.py only: a file path; the first decode worker
 # to deliver a batch while the file is absent creates it and dies (os._exit), standing in
@@ -78,19 +80,22 @@ class DecodeWorker:
     def batch_size(self) -> int:
         return int(self.images.batch_size)
 
-    def decode(self, entries: Sequence[Any]) -> Iterator[tuple[list, Any, list, str]]:
-        """A Ray generator: (rows, uint8 pixels or None, [(entry, reason)], node id) for each
-        batch of `entries`; failures ride with the next batch, or alone at the end."""
+    def decode(self, entries: Sequence[Any]) -> Iterator[tuple[list, Any, list, str, int]]:
+        """A Ray generator: (rows, uint8 pixels or None, [(entry, reason)], node id, entries
+        covered so far) for each batch of `entries`; failures ride with the next batch, or
+        alone at the end. The count lets the reader check that a replay lines up."""
         errors: list[tuple[Any, str]] = []
+        covered = 0
         for rows, pixels in self.images.batches(tuple(entries),
                                                 lambda e, r: errors.append((e, r))):
-            yield rows, pixels, errors[:], self.node
+            covered += len(rows) + len(errors)
+            yield rows, pixels, errors[:], self.node, covered
             errors.clear()
             if self.kill_once and not os.path.exists(self.kill_once):
                 open(self.kill_once, "w").close()
                 os._exit(1)
         if errors:
-            yield [], None, errors, self.node
+            yield [], None, errors, self.node, covered + len(errors)
 
 
 class RemoteImages:
@@ -101,9 +106,10 @@ class RemoteImages:
         import ray
 
         self.ray = ray
+        self._names = list(names)  # looked up at the first shard: they start after us
         # Chunks go only to decode workers that are up: one still starting (its node still
         # booting) would hold them.
-        self._starting = {w.batch_size.remote(): w for w in map(ray.get_actor, names)}
+        self._starting: dict[Any, Any] = {}
         self.workers: list[Any] = []
         self.batch_size = 0
         self.nodes: set[str] = set()  # where this actor's batches were decoded
@@ -111,16 +117,43 @@ class RemoteImages:
         self._next = int.from_bytes(os.urandom(2), "little")
 
     def _take_started(self) -> None:
-        """Add the decode workers started since the last look (waits for one if none is)."""
-        if not self._starting:
-            return
-        ready, _ = self.ray.wait(list(self._starting), num_returns=len(self._starting),
-                                 timeout=0)
-        if not ready and not self.workers:
-            ready, _ = self.ray.wait(list(self._starting), num_returns=1)
-        for ref in ready:
-            self.batch_size = self.ray.get(ref)
-            self.workers.append(self._starting.pop(ref))
+        """Add the decode workers started since the last look; wait up to START_TIMEOUT_S
+        for one if none is. Raises RuntimeError when none can start."""
+        import time
+
+        ray = self.ray
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while self._names:  # registered by the driver just after this actor was asked for
+            try:
+                handle = ray.get_actor(self._names[0])
+            except ValueError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"decode worker {self._names[0]} was never created") from None
+                time.sleep(0.1)
+                continue
+            self._starting[handle.batch_size.remote()] = handle
+            self._names.pop(0)
+        while self._starting:
+            ready, _ = ray.wait(list(self._starting), num_returns=len(self._starting),
+                                timeout=0)
+            if not ready and not self.workers:
+                ready, _ = ray.wait(list(self._starting), num_returns=1,
+                                    timeout=max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    raise RuntimeError(f"no decode worker started in {START_TIMEOUT_S} s: "
+                                       "the cluster has no CPU free for one")
+            for ref in ready:
+                worker = self._starting.pop(ref)
+                try:
+                    self.batch_size = ray.get(ref)
+                    self.workers.append(worker)
+                except ray.exceptions.RayError:  # it cannot start: the others do its work
+                    pass
+            if self.workers or not self._starting:
+                break
+        if not self.workers:
+            raise RuntimeError("no decode worker could start")
 
     def _submit(self, chunk: Sequence[Any]) -> Any:
         worker = self.workers[self._next % len(self.workers)]
@@ -135,16 +168,24 @@ class RemoteImages:
         n = self.batch_size
         chunks = iter([entries[i:i + n] for i in range(0, len(entries), n)])
         window = CHUNKS_PER_WORKER * len(self.workers)
-        pending: deque[Any] = deque(self._submit(c) for _, c in zip(range(window), chunks))
+        pending: deque[tuple[Any, int]] = deque(
+            (self._submit(c), len(c)) for _, c in zip(range(window), chunks))
         rows: list[Any] = []
         arrays: list[np.ndarray] = []
         while pending:
-            gen = pending.popleft()
+            gen, size = pending.popleft()
             if (chunk := next(chunks, None)) is not None:
-                pending.append(self._submit(chunk))
+                pending.append((self._submit(chunk), len(chunk)))
+            covered = 0
             for ref in gen:
-                got_rows, pixels, errors, node = self.ray.get(ref)
-                del ref  # frees the batch in the object store once copied here
+                got_rows, pixels, errors, node, now = self.ray.get(ref)
+                del ref  # the batch leaves the object store once `pixels` is dropped
+                # A replay after a decode worker died skips what was delivered by position:
+                # it must line up with it (an input that changed in between would not).
+                covered += len(got_rows) + len(errors)
+                if now != covered:
+                    raise RuntimeError("a decode worker's replay did not line up with its "
+                                       "first try (did INPUT change?)")
                 self.nodes.add(node)
                 for e, reason in errors:
                     on_error(e, reason)
@@ -159,6 +200,8 @@ class RemoteImages:
                         yield rows[:n], stacked[:n]
                         rows, stacked = rows[n:], stacked[n:]
                     arrays = [stacked] if len(rows) else []
+            if covered != size:
+                raise RuntimeError(f"a decode worker covered {covered} of {size} entries")
         if rows:
             yield rows, np.concatenate(arrays)
 

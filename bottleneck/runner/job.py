@@ -178,9 +178,16 @@ def _run_feed(job: ShardedJob, options: RunOptions, feed: ShardFeed, lock: Any,
     outcome.where = connect(options.address)
     outcome.startup["ray"] = time.perf_counter() - t_ray
     cpus, gpus, node_cpus, cpu_node_cpus = cluster_size()
+    # Auto only where a plan entry is one image: a tar is one chunk (one decode worker's
+    # two threads for a whole shard), and a table's chunks would each reread a row group.
+    decode_workers = options.decode_workers if job.make_images else 0
+    if decode_workers is None and not (job.counts_images and job.source.format != "parquet"):
+        decode_workers = 0
     layout = choose_layout(cpus, gpus, options.actors, options.gpus_per_actor,
-                           options.threads, node_cpus,
-                           options.decode_workers if job.make_images else 0, cpu_node_cpus)
+                           options.threads, node_cpus, decode_workers, cpu_node_cpus)
+    if decode_workers and layout.decode_workers < decode_workers:
+        log(f"--decode-workers {decode_workers}: {layout.decode_workers} fit beside the "
+            "model actors in the cluster's CPUs")
     outcome.layout = layout.describe()
     pool = ShardPool(job.make_worker(layout), layout, options.max_attempts,
                      job.make_images(layout) if job.make_images else None)

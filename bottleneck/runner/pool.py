@@ -83,9 +83,9 @@ def choose_layout(cluster_cpus: float, cluster_gpus: float, actors: int | None =
         # decode workers elsewhere have more.
         gpu_node_cpus = cluster_cpus - cpu_node_cpus
         workers = decoding.decode_workers_for(decode_workers, n, gpu_node_cpus, cpu_node_cpus)
-        # No more than the CPUs free beside the actors (theirs are on GPU nodes, if up): a
-        # decode worker that dies could not be restarted while another waited for its CPU,
-        # and its chunk would wait with it.
+        # No more than the cluster's CPUs beside the actors' (on GPU nodes, if up), counted
+        # as the job starts: a decode worker that dies could not be restarted while another
+        # waited for its CPU, and its chunk would wait with it.
         free = int(cluster_cpus - (n if gpu_node_cpus > 0 else 0))
         workers = min(workers, max(0, free) // decoding.WORKER_CPUS)
         return Layout(n, num_cpus=1, num_gpus=gpus_per_actor,
@@ -406,16 +406,17 @@ class ShardPool:
         credentials = Credentials()
         names = ([f"bottleneck-decode-{run}-{i}" for i in range(layout.decode_workers)]
                  if make_images is not None else [])
-        # Started first, so that the conv-base actors find them by name.
-        self.decoders = [ray.remote(decoding.DecodeWorker).options(
-            name=name, num_cpus=decoding.WORKER_CPUS, max_restarts=-1,
-            max_concurrency=decoding.WORKER_CONCURRENCY,
-            runtime_env=env).remote(make_images, credentials) for name in names]
         actor_cls = ray.remote(ShardActor).options(
             num_cpus=layout.num_cpus, num_gpus=layout.num_gpus, max_restarts=-1,
             runtime_env=env)
         self.actors = [actor_cls.remote(factory, tracker, credentials, max_attempts, names)
                        for _ in range(layout.actors)]
+        # Asked for after the model actors (Ray schedules in about the order asked): decode
+        # workers placed first could leave no node with room for a model actor.
+        self.decoders = [ray.remote(decoding.DecodeWorker).options(
+            name=name, num_cpus=decoding.WORKER_CPUS, max_restarts=-1,
+            max_concurrency=decoding.WORKER_CONCURRENCY,
+            runtime_env=env).remote(make_images, credentials) for name in names]
         self.dead_reason = ""
 
     def run(self, feed: ShardSource | Sequence[Shard],

@@ -123,7 +123,7 @@ def format_ceiling(r: dict[str, Any]) -> str:
     return "\n".join([
         f"images                      {r['images']} at {r['image_size']} px",
         f"decode alone                {r['decode_img_s']:8.1f} img/s   on {r['decode_threads']} "
-        f"thread(s) (before, between, after the passes: "
+        f"thread(s) (around the passes: "
         f"{', '.join(map(str, r['decode_runs']))})",
         f"extract path, stand-in model{r['ceiling_img_s'] or 0:8.1f} img/s   "
         f"{r['ratio_ceiling_to_decode']} of decode alone (steady state)",
