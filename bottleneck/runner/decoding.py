@@ -17,6 +17,7 @@ batch is never lost or duplicated.
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -119,8 +120,6 @@ class RemoteImages:
     def _take_started(self) -> None:
         """Add the decode workers started since the last look; wait up to START_TIMEOUT_S
         for one if none is. Raises RuntimeError when none can start."""
-        import time
-
         ray = self.ray
         deadline = time.monotonic() + START_TIMEOUT_S
         while self._names:  # registered by the driver just after this actor was asked for
@@ -134,26 +133,27 @@ class RemoteImages:
                 continue
             self._starting[handle.batch_size.remote()] = handle
             self._names.pop(0)
-        while self._starting:
-            ready, _ = ray.wait(list(self._starting), num_returns=len(self._starting),
-                                timeout=0)
-            if not ready and not self.workers:
-                ready, _ = ray.wait(list(self._starting), num_returns=1,
-                                    timeout=max(0.0, deadline - time.monotonic()))
-                if not ready:
-                    raise RuntimeError(f"no decode worker started in {START_TIMEOUT_S} s: "
-                                       "the cluster has no CPU free for one")
-            for ref in ready:
-                worker = self._starting.pop(ref)
-                try:
-                    self.batch_size = ray.get(ref)
-                    self.workers.append(worker)
-                except ray.exceptions.RayError:  # it cannot start: the others do its work
-                    pass
-            if self.workers or not self._starting:
-                break
+        while self._starting and not self.workers:  # none to send chunks to: wait for one
+            ready, _ = ray.wait(list(self._starting), num_returns=1,
+                                timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise RuntimeError(f"no decode worker started in {START_TIMEOUT_S} s: "
+                                   "the cluster has no CPU free for one")
+            self._add_started(ready)
+        if self._starting:  # and any others up by now, without waiting
+            self._add_started(ray.wait(list(self._starting), num_returns=len(self._starting),
+                                       timeout=0)[0])
         if not self.workers:
             raise RuntimeError("no decode worker could start")
+
+    def _add_started(self, ready: list[Any]) -> None:
+        for ref in ready:
+            worker = self._starting.pop(ref)
+            try:
+                self.batch_size = self.ray.get(ref)
+                self.workers.append(worker)
+            except self.ray.exceptions.RayError:  # it cannot start: the others do its work
+                pass
 
     def _submit(self, chunk: Sequence[Any]) -> Any:
         worker = self.workers[self._next % len(self.workers)]

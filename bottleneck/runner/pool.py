@@ -94,21 +94,16 @@ def choose_layout(cluster_cpus: float, cluster_gpus: float, actors: int | None =
                                       else GPU_ACTOR_DECODE_THREADS),
                       decode_workers=workers)
     workers = min(max(0, decode_workers or 0), (cpus - 1) // decoding.WORKER_CPUS)
-    if workers:
-        cpus -= workers * decoding.WORKER_CPUS
-        largest = min(largest, cpus)
-        per = max(1, min(cpus // actors, largest)) if actors else min(largest,
-                                                                     MAX_THREADS_PER_ACTOR)
-        actors = actors or max(1, cpus // per)
-        return Layout(actors, num_cpus=per, num_gpus=0.0, threads=threads or per,
-                      decode_threads=decoding.WORKER_THREADS, decode_workers=workers)
+    cpus -= workers * decoding.WORKER_CPUS
+    largest = min(largest, cpus)
     if actors:
         per = max(1, min(cpus // actors, largest))
     else:
         per = min(largest, MAX_THREADS_PER_ACTOR)
         actors = max(1, cpus // per)
     return Layout(actors, num_cpus=per, num_gpus=0.0, threads=threads or per,
-                  decode_threads=max(2, per))
+                  decode_threads=decoding.WORKER_THREADS if workers else max(2, per),
+                  decode_workers=workers)
 
 
 def _current_cluster() -> str | None:
