@@ -34,7 +34,7 @@ def _decode_workers(text: str) -> int | None:
 
 def _add_decode_workers(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-workers", type=_decode_workers, default=None, metavar="N|auto",
-                   help="CPU-only Ray actors (1 CPU, 2 threads each) that read and decode for "
+                   help="CPU-only Ray actors (1 CPU, 3 threads each) that read and decode for "
                         "the model actors, anywhere in the cluster; 0: the model actors decode "
                         "on their own nodes. auto: on when the GPU nodes up have fewer than 8 "
                         "cores per GPU and the CPU-only nodes have more cores than they do "

@@ -179,7 +179,7 @@ def _run_feed(job: ShardedJob, options: RunOptions, feed: ShardFeed, lock: Any,
     outcome.startup["ray"] = time.perf_counter() - t_ray
     cpus, gpus, node_cpus, cpu_node_cpus = cluster_size()
     # Auto only where a plan entry is one image: a tar is one chunk (one decode worker's
-    # two threads for a whole shard), and a table's chunks would each reread a row group.
+    # threads for a whole shard), and a table's chunks would each reread a row group.
     decode_workers = options.decode_workers if job.make_images else 0
     if decode_workers is None and not (job.counts_images and job.source.format != "parquet"):
         decode_workers = 0
