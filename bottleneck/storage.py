@@ -273,7 +273,7 @@ class Storage:
 
     def read_bytes(self, path: str) -> bytes:
         """Read a whole file by its fsspec path (as returned by listing): one GET on S3."""
-        if self.is_local:  # fsspec's file object costs a tenth of a small JPEG's decoding
+        if self.is_local:  # fsspec's file object took 7% of the decode threads' time at 32 px
             with open(path, "rb") as f:
                 return f.read()
         return with_retries(lambda: self.fs.cat_file(path, **self._one_request),
