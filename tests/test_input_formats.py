@@ -183,9 +183,14 @@ def parity(ray_cluster, inputs, tmp_path_factory) -> dict:
     runs = {"loose": extract(inputs["loose"], out / "loose"),
             "tars": extract(inputs["tars"], out / "tars", label_field="label"),
             "table": extract(inputs["table"], out / "table")}
-    for name, s in runs.items():
+    # Decode workers (explicit: auto leaves them off for these kinds), where one entry is a
+    # whole tar, or a row group's rows: their batches must come back whole and in order.
+    remote = {"tars": extract(inputs["tars"], out / "tars-dw", label_field="label",
+                              decode_workers=1),
+              "table": extract(inputs["table"], out / "table-dw", decode_workers=1)}
+    for name, s in {**runs, **{f"{k} with decode workers": v for k, v in remote.items()}}.items():
         assert s.ok, (name, s.lines())
-    return {"out": out, "summaries": runs}
+    return {"out": out, "summaries": runs, "decode_workers": remote}
 
 
 # -- 1. parity ---------------------------------------------------------------------------
@@ -228,6 +233,14 @@ def test_every_layout_gives_the_same_features_labels_and_counts(inputs, parity):
     s = parity["summaries"]
     assert (s["tars"].images, s["tars"].shards, s["tars"].rows) == (3, 3, 25)  # 3 tars
     assert (s["table"].images, s["table"].shards, s["table"].rows) == (25, 5, 25)
+
+
+def test_decode_workers_give_tars_and_tables_the_same_rows(parity):
+    out = parity["out"]
+    for name in ("tars", "table"):
+        assert "decode worker" in parity["decode_workers"][name].layout, name
+        local, remote = pq.read_table(out / name), pq.read_table(out / f"{name}-dw")
+        assert remote.sort_by("path").equals(local.sort_by("path")), name
 
 
 # -- 2. bad data -------------------------------------------------------------------------

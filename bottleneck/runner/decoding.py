@@ -37,7 +37,10 @@ CHUNKS_PER_WORKER = 2
 # A chunk is up to this many batches, fewer when a shard would not give every worker one:
 # each chunk is a Ray call, and fewer calls leave more of the cores to decoding.
 CHUNK_BATCHES = 4
-BACKPRESSURE = 2
+# Batches a chunk's generator may run ahead of its reader: a whole chunk, so that a worker
+# whose chunk waits its turn (chunks are read in order) still decodes all of it. A tar is
+# one chunk of any length: this is what bounds it.
+BACKPRESSURE = CHUNK_BATCHES
 # A decode worker that keeps dying on a chunk (a native decoder crashing on an image) gives
 # up after this many retries of the call (Ray may count one death twice: "restarted", then
 # "restarting"); the shard is then retried, and given up, as any.
@@ -88,9 +91,11 @@ class DecodeWorker:
         return int(self.images.batch_size)
 
     def decode(self, entries: Sequence[Any]) -> Iterator[tuple[list, Any, list, str, int]]:
-        """A Ray generator: (rows, uint8 pixels or None, [(entry, reason)], node id, entries
-        covered so far) for each batch of `entries`; failures ride with the next batch, or
-        alone at the end. The count lets the reader check that a replay lines up."""
+        """A Ray generator: (rows, uint8 pixels or None, [(entry, reason)], node id, rows
+        and failures so far) for each batch of `entries`, failures riding with the next
+        batch; then one closing item without rows, with any failures left. The count lets
+        the reader check that a replay lines up, and the closing item that none ended early
+        (a count of entries would not do: a tar's entry is many rows)."""
         errors: list[tuple[Any, str]] = []
         covered = 0
         for rows, pixels in self.images.batches(tuple(entries),
@@ -101,8 +106,7 @@ class DecodeWorker:
             if self.kill_once and not os.path.exists(self.kill_once):
                 open(self.kill_once, "w").close()
                 os._exit(1)
-        if errors:
-            yield [], None, errors, self.node, covered + len(errors)
+        yield [], None, errors, self.node, covered + len(errors)
 
 
 class RemoteImages:
@@ -175,15 +179,14 @@ class RemoteImages:
         per = n * max(1, min(CHUNK_BATCHES, len(entries) // (n * len(self.workers))))
         chunks = iter([entries[i:i + per] for i in range(0, len(entries), per)])
         window = CHUNKS_PER_WORKER * len(self.workers)
-        pending: deque[tuple[Any, int]] = deque(
-            (self._submit(c), len(c)) for _, c in zip(range(window), chunks))
+        pending: deque[Any] = deque(self._submit(c) for _, c in zip(range(window), chunks))
         rows: list[Any] = []
         arrays: list[np.ndarray] = []
         while pending:
-            gen, size = pending.popleft()
+            gen = pending.popleft()
             if (chunk := next(chunks, None)) is not None:
-                pending.append((self._submit(chunk), len(chunk)))
-            covered = 0
+                pending.append(self._submit(chunk))
+            covered, closed = 0, False
             for ref in gen:
                 got_rows, pixels, errors, node, now = self.ray.get(ref)
                 del ref  # the batch leaves the object store once `pixels` is dropped
@@ -196,6 +199,7 @@ class RemoteImages:
                 self.nodes.add(node)
                 for e, reason in errors:
                     on_error(e, reason)
+                closed = not got_rows  # every batch has rows: only the closing item has none
                 if got_rows:
                     rows += got_rows
                     arrays.append(pixels)
@@ -207,8 +211,8 @@ class RemoteImages:
                         yield rows[:n], stacked[:n]
                         rows, stacked = rows[n:], stacked[n:]
                     arrays = [stacked] if len(rows) else []
-            if covered != size:
-                raise RuntimeError(f"a decode worker covered {covered} of {size} entries")
+            if not closed:  # a replay that came up shorter than what was delivered
+                raise RuntimeError("a decode worker's chunk ended early (did INPUT change?)")
         if rows:
             yield rows, np.concatenate(arrays)
 
