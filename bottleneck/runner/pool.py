@@ -224,8 +224,9 @@ class Credentials:
 
 
 class ProgressTracker:
-    """The job's tallies, one actor: images done per shard (reported by the workers after
-    each batch, read by the driver), and each shard's tries and last error.
+    """The job's tallies, one actor: images done per shard (reported by the workers as
+    they go, and by the driver from each result; read by the driver), and each shard's
+    tries and last error.
 
     Ray's tqdm integration draws one bar per worker process, where a job wants one total;
     and Ray's task retries report neither a try's number nor a count of retries."""
@@ -249,7 +250,10 @@ class ProgressTracker:
         return self.errors.get(shard)
 
     def update(self, shard: int, done: int, errors: int) -> None:
-        self.shards[shard] = (done, errors)
+        # The higher count wins: a worker's report can arrive after the driver's final one
+        # (Ray orders calls per caller only).
+        old_done, old_errors = self.shards.get(shard, (0, 0))
+        self.shards[shard] = (max(old_done, done), max(old_errors, errors))
 
     def snapshot(self) -> tuple[int, int, int]:
         """(images done, errors, retries) over the whole job. A start past the last try only
