@@ -182,6 +182,11 @@ def with_retries(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 
     raise AssertionError("unreachable")
 
 
+def _read_local(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _s3_options(options: dict[str, Any]) -> dict[str, Any]:
     """s3fs options with botocore's retry policy (S3_CLIENT_RETRIES) filled in where the
     user set none: their `config_kwargs.retries` keys and AWS_RETRY_MODE / AWS_MAX_ATTEMPTS
@@ -274,8 +279,7 @@ class Storage:
     def read_bytes(self, path: str) -> bytes:
         """Read a whole file by its fsspec path (as returned by listing): one GET on S3."""
         if self.is_local:  # fsspec's file object took 7% of the decode threads' time at 32 px
-            with open(path, "rb") as f:
-                return f.read()
+            return with_retries(lambda: _read_local(path), what=f"read {path}")
         return with_retries(lambda: self.fs.cat_file(path, **self._one_request),
                             what=f"read {path}")
 
