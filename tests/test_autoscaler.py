@@ -28,8 +28,9 @@ MAX_GPU_NODES = 2
 # In a process of its own, as TWO_SMALL_NODES in test_multinode.py: the head starts in the
 # calling process's Ray context.
 #
-# Not ray.cluster_utils.AutoscalingCluster: its start() and shutdown() run the `stop --force` command of Ray's CLI,
-# which kills every Ray process of this user on the machine (other tests' clusters too), and
+# Not ray.cluster_utils.AutoscalingCluster: its start() and shutdown() run the
+# `stop --force` command of Ray's CLI, which kills every Ray process of this user on the
+# machine (other tests' clusters too), and
 # it builds its config on fake_multi_node/example.yaml, which the Ray wheel does not ship
 # (nor does the monitor find it for provider type "fake_multinode"). So the same head as
 # AutoscalingCluster.start(), started with ray.cluster_utils.Cluster, and the same provider
