@@ -14,7 +14,14 @@ import pyarrow.parquet as pq
 
 from .errors import UsageError
 from .runner.manifest import MANIFEST, SUCCESS, read_manifest
-from .runner.output import ERRORS_DIR, count_rows, dataset_metadata, footer_rows, part_paths
+from .runner.output import (
+    ERRORS_DIR,
+    count_rows,
+    dataset_metadata,
+    footer_rows,
+    part_paths,
+    read_table,
+)
 from .runner.plan import PLAN_DIR, read_state
 from .runner.planning import PART_RE, committed_shards, part_name
 from .storage import Storage, with_retries
@@ -52,10 +59,8 @@ def _column_counts(store: Storage, paths: list[str], column: str) -> dict[str, i
     """Counts of one string column's values over Parquet files, read one file at a time."""
     counts: Counter = Counter()
     for p in paths:
-        def read(p: str = p) -> Any:
-            with store.fs.open(p, "rb") as f:
-                return pq.read_table(f, columns=[column]).column(column).to_pylist()
-        counts.update("(none)" if v is None else v for v in with_retries(read, what=f"read {p}"))
+        values = read_table(store, p, [column]).column(column).to_pylist()
+        counts.update("(none)" if v is None else v for v in values)
     return dict(sorted(counts.items()))
 
 

@@ -89,7 +89,8 @@ def read_chunk(store: Storage, i: int) -> pa.Table:
     def read() -> pa.Table:
         with store.fs.open(store.path(chunk_name(i)), "rb") as f:
             # Not pq.read_table: it goes through pyarrow.dataset, 6 MB more in the driver.
-            return pq.ParquetFile(f).read()
+            # One thread: see output.read_table.
+            return pq.ParquetFile(f).read(use_threads=False)
     return with_retries(read, what=f"read {store.path(chunk_name(i))}")
 
 
