@@ -51,15 +51,16 @@ def write_errors(out: Storage, shard_index: int, errors: list[tuple[str, str]]) 
 
 
 def read_table(store: Storage, path: str, columns: list[str] | None = None) -> pa.Table:
-    """A small Parquet file (a shard's part, its errors), whole or some `columns`.
+    """A Parquet file of the job's own (a part, its errors, the assembled predictions),
+    whole or some `columns`.
 
-    One thread, no read-ahead: Arrow's thread pools, when they call back into a Python
-    file object, can be torn down still running at exit and abort the process ("terminate
-    called without an active exception", apache/arrow#34314; seen once in 400 runs of
-    `bottleneck info`). Files this small gain nothing from them."""
+    No thread pools (no decoding threads, no read-ahead): Arrow's pools, once they have
+    called back into a Python file object, can still be running when the process exits
+    and abort it ("terminate called without an active exception", apache/arrow#34314).
+    These files gain nothing from them."""
     def read() -> pa.Table:
         with store.fs.open(path, "rb") as f:
-            return pq.ParquetFile(f).read(columns=columns, use_threads=False)
+            return pq.ParquetFile(f, pre_buffer=False).read(columns=columns, use_threads=False)
     return with_retries(read, what=f"read {path}")
 
 
