@@ -51,10 +51,11 @@ def write_errors(out: Storage, shard_index: int, errors: list[tuple[str, str]]) 
 
 
 def read_table(store: Storage, path: str, columns: list[str] | None = None) -> pa.Table:
-    """A Parquet file of the job's own (a part, its errors, the assembled predictions),
-    whole or some `columns`.
+    """A Parquet file of the job's own (a part, its errors, a plan chunk, the assembled
+    predictions), whole or some `columns`.
 
-    No thread pools (no decoding threads, no read-ahead): Arrow's pools, once they have
+    Not `pq.read_table`, which goes through pyarrow.dataset (6 MB more in the driver), and
+    no thread pools (no decoding threads, no read-ahead): Arrow's pools, once they have
     called back into a Python file object, can still be running when the process exits
     and abort it ("terminate called without an active exception", apache/arrow#34314).
     These files gain nothing from them."""

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..storage import Storage, with_retries
-from .output import COMPRESSION
+from .output import COMPRESSION, read_table
 from .planning import Entry, Shard, url_path
 
 PLAN_DIR = "_plan"
@@ -87,12 +87,7 @@ def chunk_meta(store: Storage, name: str) -> dict[str, Any]:
 
 
 def read_chunk(store: Storage, i: int) -> pa.Table:
-    def read() -> pa.Table:
-        with store.fs.open(store.path(chunk_name(i)), "rb") as f:
-            # Not pq.read_table: it goes through pyarrow.dataset, 6 MB more in the driver.
-            # No thread pools: see output.read_table.
-            return pq.ParquetFile(f, pre_buffer=False).read(use_threads=False)
-    return with_retries(read, what=f"read {store.path(chunk_name(i))}")
+    return read_table(store, store.path(chunk_name(i)))
 
 
 def shards_of(table: pa.Table, skip: set[int] | frozenset[int] = frozenset()) -> Iterator[Shard]:
