@@ -30,9 +30,9 @@ MAX_GPU_NODES = 2
 #
 # Not ray.cluster_utils.AutoscalingCluster: its start() and shutdown() run the
 # `stop --force` command of Ray's CLI, which kills every Ray process of this user on the
-# machine (other tests' clusters too), and
-# it builds its config on fake_multi_node/example.yaml, which the Ray wheel does not ship
-# (nor does the monitor find it for provider type "fake_multinode"). So the same head as
+# machine (other tests' clusters too), and it builds its config on
+# fake_multi_node/example.yaml, which the Ray wheel does not ship (nor does the monitor
+# find it for provider type "fake_multinode"). So the same head as
 # AutoscalingCluster.start(), started with ray.cluster_utils.Cluster, and the same provider
 # class named as an "external" provider, whose defaults are built into Ray.
 SCALE_FROM_ZERO = """
