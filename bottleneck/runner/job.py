@@ -1,5 +1,5 @@
-"""The one runner of every sharded job (extract, predict): lock → manifest → plan (listed
-into OUTPUT as the shards run) ‖ start Ray → actors → progress → outcome.
+"""The one runner of every sharded job (extract, predict): lock → manifest → Ray → plan
+(listed into OUTPUT as the shards run) ‖ actors → progress → outcome.
 
 A job gives only what is its own (`ShardedJob`): its INPUT (a `Source`), how to build its
 per-shard worker, and where its output goes. The runner does the rest, the same way for
@@ -144,7 +144,8 @@ def run_sharded(job: ShardedJob, options: RunOptions,
                          guard=lock.check if lock else lambda: None)
         outcome = RunOutcome(done_before=committed)
         try:
-            feed.start()
+            if options.relist:
+                feed.start()  # whether it finds anything new decides whether Ray is needed
             # A relist that finds nothing new needs no Ray: wait for its first new shard.
             if feed.nothing_to_do or (options.relist and not feed.has_work()):
                 log(f"bottleneck {job.name}: all {feed.state.shards} shards in "
@@ -173,10 +174,15 @@ def _run_feed(job: ShardedJob, options: RunOptions, feed: ShardFeed, lock: Any,
     from .pool import ShardPool, choose_layout, cluster_size, connect
     from .progress import ProgressBar
 
-    # Ray starts (on the main thread, which owns the signal handlers) while INPUT is listed.
+    # Ray starts on the main thread, which owns the signal handlers. INPUT is listed once it
+    # is up: the driver's peak is then Ray's memory plus the listing's bounded working set
+    # at every size of INPUT, not only where the listing outlasts Ray's start, and the two
+    # do not share the driver's cores meanwhile. The first shard comes no later: the
+    # actors' model start is longer than the first plan chunk (README, Listing at scale).
     t_ray = time.perf_counter()
     outcome.where = connect(options.address)
     outcome.startup["ray"] = time.perf_counter() - t_ray
+    feed.start()  # (a relist's listing already runs)
     cpus, gpus, node_cpus, cpu_node_cpus = cluster_size()
     # Auto only where a plan entry is one image: a tar is one chunk (one decode worker's
     # threads for a whole shard), and a table's chunks would each reread a row group.
