@@ -21,7 +21,16 @@ import pyarrow as pa
 from ..storage import Storage, with_retries
 from .listing import labelled_page
 from .samples import FileReader
-from .source import START, InputError, ListingStats, Position, one_line, reading, skip_entries
+from .source import (
+    PAGE_ROWS,
+    START,
+    InputError,
+    ListingStats,
+    Position,
+    one_line,
+    reading,
+    skip_entries,
+)
 
 FORMATS = ("CSV", "Parquet", "ORC")
 COLUMNS = ("key", "is_latest", "is_delete_marker")  # the ones we read
@@ -143,7 +152,7 @@ class InventorySource:
         # --prefix changes the rows and their labels: a rerun with another is refused.
         self.options: dict[str, Any] = {"prefix": self.prefix} if self.prefix else {}
         self.stats = ListingStats()
-        self.batch_rows = 65536  # Parquet rows per batch
+        self.batch_rows = PAGE_ROWS  # Parquet rows per batch
 
     def pages(self, after: Position = START) -> Iterator[pa.Table]:
         """The entries after the first `after.entries`, as PAGE_SCHEMA tables."""
@@ -197,9 +206,9 @@ class InventorySource:
         elif manifest.file_format == "Parquet":
             import pyarrow.parquet as pq
 
-            pf = pq.ParquetFile(f)
+            pf = pq.ParquetFile(f, pre_buffer=False)  # read as list files are
             names = [c for c in pf.schema_arrow.names if _column(c) in canonical]
-            batches = pf.iter_batches(self.batch_rows, columns=names)
+            batches = pf.iter_batches(self.batch_rows, columns=names, use_threads=False)
         else:
             import pyarrow.orc as orc
 

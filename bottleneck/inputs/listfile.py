@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from ..storage import Storage, with_retries
 from .samples import FileReader
-from .source import START, InputError, ListingStats, Position, one_line, page, reading
+from .source import PAGE_ROWS, START, InputError, ListingStats, Position, one_line, page, reading
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".csv.gz": "csv", ".jsonl": "jsonl",
            ".ndjson": "jsonl", ".jsonl.gz": "jsonl", ".ndjson.gz": "jsonl"}
@@ -60,7 +60,7 @@ class ListFileSource:
     entries_per_shard = None
     sorted = False
 
-    def __init__(self, url: str, storage_options: dict[str, Any], chunk_rows: int = 65536):
+    def __init__(self, url: str, storage_options: dict[str, Any], chunk_rows: int = PAGE_ROWS):
         fmt = list_format(url)
         if fmt is None:
             raise InputError(f"list file {url}: unsupported extension; expected one of "
@@ -106,7 +106,9 @@ class ListFileSource:
         import pyarrow.parquet as pq
 
         with self._open() as f:
-            pf = pq.ParquetFile(f)
+            # One thread, no read-ahead: a page is small, and Arrow's pools would hold
+            # buffers on their threads as well (see PAGE_ROWS).
+            pf = pq.ParquetFile(f, pre_buffer=False)
             columns = [c for c in ("path", "label") if c in pf.schema_arrow.names]
             if "path" not in columns:
                 raise self._missing_path()
@@ -115,7 +117,8 @@ class ListFileSource:
                 if row + pf.metadata.row_group(i).num_rows <= skip:
                     row += pf.metadata.row_group(i).num_rows
                     continue
-                for b in pf.iter_batches(self.chunk_rows, row_groups=[i], columns=columns):
+                for b in pf.iter_batches(self.chunk_rows, row_groups=[i], columns=columns,
+                                         use_threads=False):
                     yield row, pa.Table.from_batches([b])
                     row += b.num_rows
 
